@@ -1,0 +1,133 @@
+"""``valfree demo``: label-free checkpoint selection, end to end, in a few minutes on a laptop CPU.
+
+Trains a small CNN (Fashion-MNIST when its files are installed, otherwise scikit-learn digits),
+saves a checkpoint every quarter epoch, scores them with the head-gradient probe on a fixed batch of
+*training* images, selects one with the universal preset, and prints the choice next to every
+checkpoint's true test accuracy. The test labels are read only for that display and the report.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .io.data import fashion_mnist_available, load_dataset
+from .io.report import write_report
+from .io.scoring import score_checkpoints
+from .io.selection_io import choose
+
+
+def accuracy(model: nn.Module, dataset, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode (used for display and evaluation only, never to choose)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_with_checkpoints(model: nn.Module, dataset, out_dir: str | Path, epochs: int, batch_size: int = 128,
+                           lr: float = 0.05, weight_decay: float = 5e-4, checkpoints_per_epoch: int = 4,
+                           seed: int = 0, log=print) -> list[Path]:
+    """SGD with momentum and a cosine schedule; a state_dict every 1/checkpoints_per_epoch epoch."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = len(loader)
+    total = epochs * steps_per_epoch
+    every = max(1, steps_per_epoch // checkpoints_per_epoch)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    loss_fn = nn.CrossEntropyLoss()
+    saved, step, start = [], 0, time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        running = 0.0
+        for x, y in loader:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            running += loss.item()
+            if step % every == 0 or step == total:
+                path = out / f"step_{step:06d}.pt"
+                torch.save(model.state_dict(), path)
+                saved.append(path)
+        log(f"epoch {epoch + 1}/{epochs}: train loss {running / steps_per_epoch:.3f} ({time.perf_counter() - start:.0f}s)")
+    return saved
+
+
+def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | None = None,
+             train_size: int | None = None, seed: int = 0) -> int:
+    from .io.checkpoints import load_into
+    from .models import cnn
+
+    torch.manual_seed(seed)
+    if data is None:
+        data = "fashion-mnist" if fashion_mnist_available() else "digits"
+        if data == "digits":
+            print("Fashion-MNIST files not found (apt-get install dataset-fashion-mnist); using scikit-learn digits.")
+    fmnist = data.startswith("fashion-mnist")
+    in_size = 28 if fmnist else 8
+    factory = "valfree.models:cnn" if fmnist else "valfree.models:digits_cnn"
+    epochs = epochs or (6 if fmnist else 30)
+    train = load_dataset(data, "train")
+    test = load_dataset(data, "test")
+    train_size = train_size or (12000 if fmnist else len(train))
+    train = Subset(train, torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:train_size].tolist())
+    test = Subset(test, range(min(len(test), 5000)))
+    out_dir = Path(out)
+    ckpt_dir = out_dir / "checkpoints"
+    print(f"1/4 training a CNN on {len(train)} {data} images for {epochs} epochs -> {ckpt_dir}/")
+    model = cnn(in_size=in_size)
+    paths = train_with_checkpoints(model, train, ckpt_dir, epochs, batch_size=128 if fmnist else 64, seed=seed)
+
+    scores_csv = out_dir / "scores.csv"
+    print(f"2/4 scoring {len(paths)} checkpoints on one fixed batch of 256 training images (no test data)")
+    t0 = time.perf_counter()
+    summary = score_checkpoints(str(ckpt_dir), factory, data, scores_csv, batch_size=256, seed=seed)
+    print(summary.describe() + f" in {time.perf_counter() - t0:.1f}s")
+
+    print(f"3/4 measuring test accuracy of every checkpoint on {len(test)} test images (for display only)")
+    metrics_csv = out_dir / "test_accuracy.csv"
+    eval_model = cnn(in_size=in_size)
+    with open(metrics_csv, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "test_accuracy"])
+        for p in paths:
+            writer.writerow([str(p.resolve()), accuracy(load_into(eval_model, p), test)])
+
+    print("4/4 selecting with the universal preset (tail 20 %, EMA 3, argmin of the head-gradient norm)\n")
+    rows, steps, scores, sel = choose(str(scores_csv), "grad_norm", "0.2", 3, "min")
+    acc_by_name = {Path(r["path"]).name: float(r["test_accuracy"]) for r in csv.DictReader(open(metrics_csv))}
+    accs = [acc_by_name[Path(r["path"]).name] for r in rows]
+    oracle = max(range(len(accs)), key=accs.__getitem__)
+    last = max(range(len(rows)), key=lambda i: steps[i])
+    start, stop = sel.window
+    print(f"{'step':>7} {'grad_norm':>10} {'smoothed':>10} {'test acc':>9}")
+    for i in sorted(range(len(rows)), key=lambda i: steps[i]):
+        tags = [t for t, j in (("chosen", sel.index), ("best on test", oracle), ("last", last)) if i == j]
+        print(f"{steps[i]:>7.0f} {scores[i]:>10.4f} {sel.smoothed[i]:>10.4f} {accs[i]:>9.2%}  {', '.join(tags)}")
+    report = write_report(scores_csv, out_dir / "report.html", metrics=metrics_csv, title="valfree demo")
+    print(
+        f"\nChosen without labels: step {sel.step:.0f}, test accuracy {accs[sel.index]:.2%}. "
+        f"Best on test: step {steps[oracle]:.0f}, {accs[oracle]:.2%} (gap {100 * (accs[oracle] - accs[sel.index]):.2f} points). "
+        f"Last checkpoint: {accs[last]:.2%}."
+    )
+    print(f"Report: {report}")
+    print(f"Chosen checkpoint: {rows[sel.index]['path']}")
+    return 0

@@ -1,0 +1,165 @@
+"""``valfree report``: a self-contained HTML page (PNG plots inlined) explaining a checkpoint choice.
+
+Held-out metrics, when given, are read for display only: the choice is made from the scores alone,
+then compared with the metric through correlations and the gap to the oracle.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ValfreeError
+from ..selection import correlations, gap_to_oracle
+from .selection_io import choose
+
+# Metrics where lower is better; any other metric column is taken as higher-is-better (accuracy, mIoU, AP).
+LOWER_IS_BETTER_METRICS = ("loss", "error", "nll", "mse", "fid", "perplexity", "ppl")
+
+
+def metric_higher_is_better(name: str) -> bool:
+    return not any(word in name.lower() for word in LOWER_IS_BETTER_METRICS)
+
+
+def read_metrics(path: str | os.PathLike, rows: list[dict], steps: np.ndarray, metric: str | None) -> tuple[str, np.ndarray]:
+    """Align a held-out metrics CSV (keyed by ``path`` or ``step``) with the score rows."""
+    p = Path(path)
+    if not p.exists():
+        raise ValfreeError(f"the metrics file {p} does not exist.")
+    with open(p, newline="") as fh:
+        table = list(csv.DictReader(fh))
+    if not table:
+        raise ValfreeError(f"the metrics file {p} has no rows.")
+    columns = [c for c in table[0] if c not in ("path", "step")]
+    if metric is None:
+        if not columns:
+            raise ValfreeError(f"{p} has no metric column besides path and step.")
+        metric = columns[0]
+    elif metric not in columns:
+        raise ValfreeError(f"{p} has no column {metric!r}; available: {', '.join(columns)}.")
+    by_path = {Path(r["path"]).name: r for r in table if r.get("path")}
+    by_step = {float(r["step"]): r for r in table if r.get("step") not in (None, "")}
+    values = []
+    for row, step in zip(rows, steps):
+        hit = by_path.get(Path(row.get("path", "")).name) or by_step.get(float(step))
+        values.append(float(hit[metric]) if hit and hit.get(metric) not in (None, "") else math.nan)
+    values = np.array(values)
+    if np.isnan(values).all():
+        raise ValfreeError(f"no row of {p} matches a scored checkpoint by path name or step.")
+    return metric, values
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plot_series(steps, scores, sel, column, metric_name=None, metric=None):
+    """Raw and smoothed score over steps, the tail window shaded, the choice marked; metric on a twin axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(steps, kind="stable")
+    s, x, sm = steps[order], scores[order], sel.smoothed[order]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(s, x, "o", ms=3, color="0.55", label=f"{column} (raw)")
+    ax.plot(s, sm, "-", color="C0", lw=2, label=f"EMA span {sel.ema:g}")
+    start, stop = sel.window
+    ax.axvspan(s[start], s[stop - 1], color="C0", alpha=0.08, label=f"tail window ({stop - start} points)")
+    ax.plot([sel.step], [sel.score], "*", ms=16, color="C3", label=f"chosen: step {sel.step:g}")
+    bad = ~np.isfinite(x)
+    if bad.any():
+        for b in s[bad]:
+            ax.axvline(b, color="C3", ls=":", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(column)
+    handles, labels = ax.get_legend_handles_labels()
+    if metric is not None:
+        ax2 = ax.twinx()
+        m = metric[order]
+        ax2.plot(s, m, "-s", ms=3, color="C2", alpha=0.8, label=f"{metric_name} (held out, display only)")
+        ax2.set_ylabel(metric_name)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.set_title(f"{column}: selection without labels")
+    return _png(fig)
+
+
+def plot_scatter(scores, metric, column, metric_name, corr):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ok = np.isfinite(scores) & np.isfinite(metric)
+    ax.scatter(scores[ok], metric[ok], s=14, c=np.arange(ok.sum()), cmap="viridis")
+    ax.set_xlabel(column)
+    ax.set_ylabel(metric_name)
+    ax.set_title(f"Pearson {corr.pearson:+.3f}, Spearman {corr.spearman:+.3f} (n={corr.n})", fontsize=10)
+    return _png(fig)
+
+
+def write_report(scores_csv, output="report.html", metrics=None, metric=None, column="grad_norm", tail="0.2",
+                 ema: float = 3, mode: str | None = None, title: str = "valfree report") -> Path:
+    """Write the HTML report and return its path."""
+    rows, steps, scores, sel = choose(scores_csv, column, tail, ema, mode)
+    metric_values = corr = gap = None
+    if metrics is not None:
+        metric, metric_values = read_metrics(metrics, rows, steps, metric)
+        corr = correlations(scores, metric_values)
+        higher = metric_higher_is_better(metric)
+        gap = gap_to_oracle(sel.index, metric_values, higher_is_better=higher)
+    chosen = rows[sel.index]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>Scores: <code>{html.escape(str(scores_csv))}</code> ({len(rows)} checkpoints). "
+        f"Choice rule: EMA span {sel.ema:g}, tail {sel.tail}, {sel.mode} of <b>{html.escape(column)}</b>. "
+        "No held-out label is used to choose.</p>",
+        f"<p class=choice>Chosen: step <b>{sel.step:g}</b> &mdash; <code>{html.escape(str(chosen.get('path', '')))}</code></p>",
+        f'<img alt="score series" src="data:image/png;base64,{plot_series(steps, scores, sel, column, metric, metric_values)}">',
+    ]
+    if metric_values is not None:
+        order = np.argsort(steps, kind="stable")
+        oracle = int(np.nanargmax(metric_values) if metric_higher_is_better(metric) else np.nanargmin(metric_values))
+        last = int(order[-1])
+        parts += [
+            "<h2>Against the held-out metric (evaluation only)</h2>",
+            f'<img alt="score against metric" src="data:image/png;base64,{plot_scatter(scores, metric_values, column, metric, corr)}">',
+            "<table><tr><th></th><th>step</th><th>" + html.escape(metric) + "</th></tr>"
+            f"<tr><td>chosen</td><td>{steps[sel.index]:g}</td><td>{metric_values[sel.index]:.4g}</td></tr>"
+            f"<tr><td>oracle (best {html.escape(metric)})</td><td>{steps[oracle]:g}</td><td>{metric_values[oracle]:.4g}</td></tr>"
+            f"<tr><td>last checkpoint</td><td>{steps[last]:g}</td><td>{metric_values[last]:.4g}</td></tr></table>",
+            f"<p>Gap to the oracle: <b>{gap:.4g}</b>. Correlations of {html.escape(column)} with {html.escape(metric)}: "
+            f"Pearson {corr.pearson:+.3f} (p={corr.pearson_p:.2g}), Spearman {corr.spearman:+.3f} (p={corr.spearman_p:.2g}), "
+            f"Kendall {corr.kendall:+.3f} (p={corr.kendall_p:.2g}), n={corr.n}.</p>",
+        ]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        parts.append("<h2>Failed checkpoints</h2><ul>" + "".join(
+            f"<li><code>{html.escape(str(r.get('path')))}</code>: {html.escape(str(r.get('error')))}</li>" for r in failed
+        ) + "</ul>")
+    warned = [r for r in rows if r.get("warnings")]
+    if warned:
+        parts.append(f"<p>Warnings on {len(warned)} rows, e.g.: {html.escape(str(warned[0]['warnings']))}</p>")
+    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}.choice{font-size:1.1em}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out

@@ -1,0 +1,98 @@
+"""``valfree select``: a choice from a results CSV (or a Hugging Face run folder), printed for people and scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ValfreeError
+from ..selection import Selection, select_checkpoint
+from .results import STATUS_OK, read_scores
+
+# Signals where larger means better; every other column is minimised.
+HIGHER_IS_BETTER = {"confidence", "margin"}
+
+
+def natural_mode(column: str) -> str:
+    return "max" if column in HIGHER_IS_BETTER else "min"
+
+
+def parse_tail(text: str | float | int) -> float | int:
+    """'0.2' -> fraction 0.2; '10' -> count 10."""
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValfreeError(f"--tail must be a fraction like 0.2 or a count like 10, not {text!r}.") from None
+    if value >= 1 and value.is_integer() and "." not in str(text):
+        return int(value)
+    return value
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_series(source: str, column: str) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Rows, steps and scores of ``column``; failed rows get a NaN score so they show up as invalid."""
+    p = Path(source)
+    if p.is_dir():
+        from .hf_state import rows_from_trainer_state
+
+        rows = rows_from_trainer_state(p)
+    else:
+        rows = read_scores(p)
+    if column not in rows[0] and not any(column in r for r in rows):
+        available = [c for c in rows[0] if c not in ("path", "status", "error", "step_source", "warnings", "path_used")]
+        raise ValfreeError(f"{source} has no column {column!r}; available: {', '.join(available)}.")
+    steps = np.array([_float(r.get("step")) for r in rows])
+    scores = np.array([_float(r.get(column)) if r.get("status", STATUS_OK) == STATUS_OK else math.nan for r in rows])
+    if np.isnan(steps).any():
+        steps = np.arange(len(rows), dtype=float)
+    return rows, steps, scores
+
+
+def choose(source: str, column: str = "grad_norm", tail="0.2", ema: float = 3, mode: str | None = None):
+    rows, steps, scores = load_series(source, column)
+    selection = select_checkpoint(steps, scores, tail=parse_tail(tail), ema=ema, mode=mode or natural_mode(column))
+    return rows, steps, scores, selection
+
+
+def format_table(rows: list[dict], steps: np.ndarray, scores: np.ndarray, sel: Selection, column: str) -> str:
+    order = np.argsort(steps, kind="stable")
+    start, stop = sel.window
+    window_idx = set(int(i) for i in order[start:stop])
+    lines = [
+        f"{len(rows)} checkpoints, {len(sel.invalid)} without a finite {column}; "
+        f"window: last {stop - start} (tail={sel.tail}), EMA span {sel.ema}, {sel.mode} of smoothed {column}",
+        f"{'step':>10}  {column:>12}  {'smoothed':>12}",
+    ]
+    shown = [int(i) for i in order[max(0, start - 2):stop]]
+    for i in shown:
+        mark = " <- chosen" if i == sel.index else ("" if i in window_idx else "   (before window)")
+        lines.append(f"{steps[i]:>10.0f}  {scores[i]:>12.6g}  {sel.smoothed[i]:>12.6g}{mark}")
+    return "\n".join(lines)
+
+
+def select_from_file(source: str, column: str = "grad_norm", tail="0.2", ema: float = 3, mode: str | None = None,
+                     as_json: bool = False, stream=None) -> dict:
+    """Print the choice (a table then the path, or JSON) and return it as a dict."""
+    import sys
+
+    stream = stream or sys.stdout
+    rows, steps, scores, sel = choose(source, column, tail, ema, mode)
+    chosen = rows[sel.index]
+    result = {"path": chosen.get("path", ""), "column": column, **sel.as_dict()}
+    if as_json:
+        print(json.dumps(result, indent=2), file=stream)
+    else:
+        print(format_table(rows, steps, scores, sel, column), file=stream)
+        print(result["path"], file=stream)
+    return result

@@ -1,0 +1,18 @@
+"""A score series -> a choice; and evaluation-only statistics that never choose."""
+
+from .early_stopping import EarlyStopping
+from .evaluation import Correlations, correlations, gap_to_oracle
+from .select import UNIVERSAL_PRESET, Selection, select_checkpoint, tail_window
+from .smoothing import ema
+
+__all__ = [
+    "Correlations",
+    "EarlyStopping",
+    "Selection",
+    "UNIVERSAL_PRESET",
+    "correlations",
+    "ema",
+    "gap_to_oracle",
+    "select_checkpoint",
+    "tail_window",
+]

@@ -1,0 +1,64 @@
+"""Early stopping on a smoothed, label-free score."""
+
+from __future__ import annotations
+
+import math
+
+from ..errors import ValfreeError
+
+
+class EarlyStopping:
+    """Stop when the EMA-smoothed score has not improved by ``min_delta`` for ``patience`` updates.
+
+    ``mode="min"`` for the head gradient. Non-finite scores count as no improvement. The state is a
+    plain dict (``state_dict``/``load_state_dict``), so it survives a resumed run.
+    """
+
+    def __init__(self, patience: int = 5, min_delta: float = 0.0, mode: str = "min", ema: float = 3):
+        if mode not in ("min", "max"):
+            raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
+        if patience < 1:
+            raise ValfreeError(f"patience must be at least 1, not {patience}.")
+        self.patience, self.min_delta, self.mode, self.ema = patience, float(min_delta), mode, ema
+        self.smoothed = math.nan
+        self.best = math.nan
+        self.best_step: float | None = None
+        self.wait = 0
+        self.stopped = False
+
+    def improved(self, value: float) -> bool:
+        if math.isnan(self.best):
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def update(self, step: float, score: float) -> bool:
+        """Feed one score; return True once training should stop."""
+        if math.isfinite(score):
+            alpha = 2.0 / (self.ema + 1.0) if self.ema and self.ema > 1 else 1.0
+            self.smoothed = score if math.isnan(self.smoothed) else alpha * score + (1 - alpha) * self.smoothed
+            if self.improved(self.smoothed):
+                self.best, self.best_step, self.wait = self.smoothed, step, 0
+                return self.stopped
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped = True
+        return self.stopped
+
+    def state_dict(self) -> dict:
+        return {
+            "smoothed": self.smoothed,
+            "best": self.best,
+            "best_step": self.best_step,
+            "wait": self.wait,
+            "stopped": self.stopped,
+            "patience": self.patience,
+            "min_delta": self.min_delta,
+            "mode": self.mode,
+            "ema": self.ema,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
