@@ -94,12 +94,12 @@ def plot_series(steps, scores, sel, column, metric_name=None, metric=None):
         ax2.set_ylabel(metric_name)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=8, loc="best")
+    ax.legend(handles, labels, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     ax.set_title(f"{column}: selection without labels")
     return _png(fig)
 
 
-def plot_scatter(scores, metric, column, metric_name, corr):
+def plot_scatter(steps, scores, metric, column, metric_name, corr):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,7 +107,8 @@ def plot_scatter(scores, metric, column, metric_name, corr):
 
     fig, ax = plt.subplots(figsize=(5, 4))
     ok = np.isfinite(scores) & np.isfinite(metric)
-    ax.scatter(scores[ok], metric[ok], s=14, c=np.arange(ok.sum()), cmap="viridis")
+    points = ax.scatter(scores[ok], metric[ok], s=14, c=steps[ok], cmap="viridis")
+    fig.colorbar(points, ax=ax, label="step")
     ax.set_xlabel(column)
     ax.set_ylabel(metric_name)
     ax.set_title(f"Pearson {corr.pearson:+.3f}, Spearman {corr.spearman:+.3f} (n={corr.n})", fontsize=10)
@@ -139,7 +140,7 @@ def write_report(scores_csv, output="report.html", metrics=None, metric=None, co
         last = int(order[-1])
         parts += [
             "<h2>Against the held-out metric (evaluation only)</h2>",
-            f'<img alt="score against metric" src="data:image/png;base64,{plot_scatter(scores, metric_values, column, metric, corr)}">',
+            f'<img alt="score against metric" src="data:image/png;base64,{plot_scatter(steps, scores, metric_values, column, metric, corr)}">',
             "<table><tr><th></th><th>step</th><th>" + html.escape(metric) + "</th></tr>"
             f"<tr><td>chosen</td><td>{steps[sel.index]:g}</td><td>{metric_values[sel.index]:.4g}</td></tr>"
             f"<tr><td>oracle (best {html.escape(metric)})</td><td>{steps[oracle]:g}</td><td>{metric_values[oracle]:.4g}</td></tr>"
