@@ -1,7 +1,7 @@
 # Thin wrappers over scripts/dev.sh, which also works where make is not installed.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench bench-quick bench-probe clean
+.PHONY: setup demo test bench bench-quick bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-beyond clean
 
 setup:
 	bash scripts/dev.sh setup
@@ -15,7 +15,35 @@ test:
 bench-probe: setup
 	$(PY) benchmarks/probe_speed.py
 
-bench: bench-probe
+# TPV estimator cost and train-vs-test stability (docs/tpv_speed.md, docs/tpv_stability.md); about 20 min on 2 shared cores.
+bench-tpv: setup
+	nice -n 10 $(PY) benchmarks/tpv_speed.py
+	nice -n 10 $(PY) benchmarks/tpv_stability.py
+
+bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
+
+# Evidence benchmark (docs/benchmarks.md): 36 trajectories, about 1.5 h on 2 shared cores; cached, so a
+# rerun only redoes what is missing. bench-quick: one seed of two families, minutes (docs/benchmarks_quick.md).
+bench-evidence: setup
+	$(PY) -m benchmarks.evidence run --workers 2
+
+# Overhead of the training integrations (docs/integrations.md): a few minutes on 2 shared cores.
+bench-integrations: setup
+	nice -n 10 $(PY) benchmarks/integration_overhead.py
+
+# Beyond classification (docs/beyond.md): segmentation, detection, diffusion, two LMs, then the diffusion
+# probe-batch sensitivity; about 30 min on 2 shared cores, checkpoints cached in benchmarks/cache/beyond/.
+bench-beyond: setup
+	nice -n 10 $(PY) -m benchmarks.beyond.run
+	nice -n 10 $(PY) -m benchmarks.beyond.diffusion_probe_batch
+
+# Pruning criteria side by side on a Fashion-MNIST CNN (docs/pruning.md); about 40 min on 2 shared cores,
+# the trained CNN cached in benchmarks/cache/. python benchmarks/prune_bench.py --quick: a few minutes.
+bench-prune: setup
+	nice -n 10 $(PY) benchmarks/prune_bench.py
+
+bench-quick: setup
+	$(PY) -m benchmarks.evidence quick
 
 clean:
 	rm -rf .venv valfree-demo

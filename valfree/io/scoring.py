@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import find_head, head_gradient
+from ..probes.presets import get_preset
 from .checkpoints import CheckpointRef, discover_checkpoints, file_identity, is_hf_checkpoint_dir, load_into
 from .data import load_dataset, probe_batch
 from .factory import build_model
@@ -87,19 +88,25 @@ def score_checkpoints(
     label_smoothing: float = 0.0,
     progress: bool = True,
     refs: list[CheckpointRef] | None = None,
+    preset: str | None = None,
 ) -> ScoreSummary:
     """Probe each checkpoint on the same seeded batch and append one row per checkpoint to ``out``.
 
     Checkpoints already in ``out`` with the same (path, size, mtime) are skipped. A checkpoint that
     fails to load or to probe becomes a row with ``status=failed`` and its error; the others go on.
     ``refs`` (already discovered checkpoints, e.g. one rank's share under torchrun) overrides ``sources``.
+    ``preset`` (see :mod:`valfree.probes.presets`) replaces ``loss`` with a dense, detection, diffusion or
+    language-model probe; its rows also record ``preset`` and the selection ``mode`` it was measured with.
     """
+    recipe = get_preset(preset) if preset else None
     note = None
     if refs is None:
         refs, note = discover_checkpoints(sources)
     dataset = load_dataset(data_spec, split)
     x, y = probe_batch(dataset, batch_size, seed)
-    if targets == "labels":
+    if targets == "labels" and recipe is not None and not recipe.needs_labels:
+        target = y  # the diffusion and lm presets read no labels (lm: an attention mask if y is one)
+    elif targets == "labels":
         if (y < 0).all():
             raise ValfreeError(
                 f"the data {data_spec!r} has no labels; score with --targets pseudo to use the model's own predictions."
@@ -122,7 +129,11 @@ def score_checkpoints(
     model = None
     if model_spec is not None:
         model = build_model(model_spec).to(device)
-        find_head(model, head)  # a wrong or ambiguous head is one error, not one per checkpoint
+        # A wrong or ambiguous head is one error, not one per checkpoint.
+        if recipe is not None:
+            recipe.check_heads(model, head)
+        else:
+            find_head(model, head)
     elif not all(is_hf_checkpoint_dir(ref.path) for ref, *_ in todo):
         raise ValfreeError("--model MODULE:FACTORY is required unless every checkpoint is a Hugging Face checkpoint-N/ folder.")
     from tqdm.auto import tqdm
@@ -134,8 +145,12 @@ def score_checkpoints(
             net = load_into(model, ref.path) if model is not None else build_hf_model(ref.path).to(device)
             dtype = _model_dtype(net)
             inputs = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
-            probe = head_gradient(net, inputs, target if isinstance(target, str) else target.to(device),
-                                  head=head, loss=loss, label_smoothing=label_smoothing)
+            probe_target = target if isinstance(target, str) else target.to(device)
+            if recipe is not None:
+                probe = recipe.probe(net, inputs, probe_target, head=head, seed=seed)
+                row.update(preset=recipe.name, mode=recipe.mode)
+            else:
+                probe = head_gradient(net, inputs, probe_target, head=head, loss=loss, label_smoothing=label_smoothing)
             row.update(status=STATUS_OK, error="", **probe_row(probe))
             summary.scored += 1
         except ValfreeError as exc:

@@ -61,7 +61,12 @@ def load_series(source: str, column: str) -> tuple[list[dict], np.ndarray, np.nd
 
 def choose(source: str, column: str = "grad_norm", tail="0.2", ema: float = 3, mode: str | None = None):
     rows, steps, scores = load_series(source, column)
-    selection = select_checkpoint(steps, scores, tail=parse_tail(tail), ema=ema, mode=mode or natural_mode(column))
+    if mode is None:
+        # A preset records the direction measured for its task (e.g. diffusion); it applies to the probe columns.
+        modes = {r.get("mode") for r in rows if r.get("mode")}
+        preset_mode = modes.pop() if len(modes) == 1 and column in ("grad_norm", "score_w", "score_z") else None
+        mode = preset_mode or natural_mode(column)
+    selection = select_checkpoint(steps, scores, tail=parse_tail(tail), ema=ema, mode=mode)
     return rows, steps, scores, selection
 
 

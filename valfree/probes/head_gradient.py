@@ -10,10 +10,16 @@ For mean cross-entropy R = (softmax(A) - Y) / N, where Y is one-hot, smoothed or
 multi-label BCE (mean over all N*C entries) R = (sigmoid(A) - Y) / (N C). For any other loss on the
 logits R comes from autograd on the logits alone. A dense head (a 1x1 convolution, or a Linear over
 tokens) counts every location as a sample.
+
+Regression heads (box sizes, diffusion noise) use ``"mse"`` or ``"l1"``, the mean over every entry
+that has a target: R = 2 (A - Y) / M or sign(A - Y) / M, with M the count of non-NaN targets, so a
+NaN target marks an entry (a location without an object) that the loss ignores. ``"focal"`` is
+CenterNet's heatmap loss (:mod:`valfree.probes.losses`), whose R comes from autograd.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Union
 
@@ -22,11 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ValfreeError
-from .heads import Head, capture_head, find_head
+from .heads import Head, HeadCapture, capture_head, find_head
+from .losses import centernet_focal_loss
 from .readouts import sigmoid_readouts, softmax_readouts
 
 LossSpec = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 PSEUDO = "pseudo"
+LOSSES = ("ce", "bce", "focal", "mse", "l1")
+REGRESSION_LOSSES = ("mse", "l1")
+SIGMOID_LOSSES = ("bce", "focal")
 
 
 @dataclass
@@ -93,9 +103,14 @@ def residual(
     """Return (R, loss) with R = dL/dA for logits A of shape (N, C) and the mean loss L.
 
     ``targets`` are class indices (N,) or soft targets (N, C) for ``"ce"``; multi-hot or probabilities
-    (N, C) for ``"bce"``. A callable ``loss(logits, targets)`` gets R from autograd.
+    (N, C) for ``"bce"``; a heatmap in [0, 1] with 1 at object centres for ``"focal"``; real values
+    (N, C), NaN where there is no target, for ``"mse"`` and ``"l1"`` (the mean runs over the others).
+    A callable ``loss(logits, targets)`` gets R from autograd.
     """
     n, c = logits.shape
+    if isinstance(loss, str) and loss == "focal":
+        _check_same_shape("focal", targets, logits)
+        loss = centernet_focal_loss
     if callable(loss):
         a = logits.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -108,8 +123,12 @@ def residual(
             raise ValfreeError(f"BCE targets must have the logits' shape {tuple(logits.shape)}, got {tuple(y.shape)}.")
         value = F.binary_cross_entropy_with_logits(logits, y)
         return (torch.sigmoid(logits) - y) / (n * c), value
+    if loss in REGRESSION_LOSSES:
+        return _regression_residual(logits, targets, loss)
     if loss != "ce":
-        raise ValfreeError(f"unknown loss {loss!r}; use 'ce', 'bce' or a callable loss(logits, targets).")
+        raise ValfreeError(
+            f"unknown loss {loss!r}; use one of {', '.join(LOSSES)} or a callable loss(logits, targets)."
+        )
     logp = torch.log_softmax(logits, 1)
     if targets.dim() == 2:  # soft targets
         y = targets.to(logits.dtype)
@@ -134,6 +153,29 @@ def residual(
     y = y * valid.unsqueeze(1)
     r = (logp.exp() * valid.unsqueeze(1) - y) / n_valid
     return r, -(y * logp).sum() / n_valid
+
+
+def _check_same_shape(loss: str, targets: torch.Tensor, logits: torch.Tensor) -> None:
+    if tuple(targets.shape) != tuple(logits.shape):
+        raise ValfreeError(
+            f"{loss} targets must have the head output's shape {tuple(logits.shape)} (one value per location "
+            f"and output channel), got {tuple(targets.shape)}."
+        )
+
+
+def _regression_residual(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared or absolute error over the entries whose target is not NaN, and its residual."""
+    _check_same_shape(loss, targets, logits)
+    y = targets.to(logits.dtype)
+    valid = ~torch.isnan(y)
+    m = int(valid.sum())
+    if m == 0:
+        raise ValfreeError(f"every {loss} target in the probe batch is NaN (ignored), so there is nothing to probe.")
+    diff = torch.where(valid, logits - y, torch.zeros((), dtype=logits.dtype, device=logits.device))
+    if loss == "mse":
+        return 2 * diff / m, diff.square().sum() / m
+    # d|x|/dx = sign(x), 0 at 0, as autograd's abs backward.
+    return torch.sign(diff) / m, diff.abs().sum() / m
 
 
 def gram_is_cheaper(n: int, c: int, d: int) -> bool:
@@ -179,10 +221,17 @@ def head_gradient_from_features(
         raise ValfreeError("the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored.")
     warnings: list[str] = []
     if targets is None or (isinstance(targets, str) and targets == PSEUDO):
-        t = torch.sigmoid(a).round() if loss == "bce" else a.argmax(1)
+        if loss in REGRESSION_LOSSES:
+            raise ValfreeError(
+                f"pseudo targets are defined for classification losses (ce, bce, focal), not {loss!r}; "
+                "a regression head needs its targets."
+            )
+        t = torch.sigmoid(a).round() if loss in SIGMOID_LOSSES else a.argmax(1)
     elif isinstance(targets, str):
         raise ValfreeError(f"targets must be a tensor or 'pseudo', not {targets!r}.")
     else:
+        if isinstance(loss, str) and loss in REGRESSION_LOSSES + ("focal",):
+            _check_same_shape(loss, targets, logits)  # before flattening, so the message shows the real shapes
         t = flatten_targets(targets.to(a.device), logits, channels_first)
         if t.shape[0] != a.shape[0]:
             raise ValfreeError(
@@ -197,7 +246,11 @@ def head_gradient_from_features(
                 "separability; use a batch that spans the classes"
             )
     r, value = residual(a, t, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index)
-    keep = r.abs().sum(1) > 0 if loss == "ce" and t.dim() == 1 and (t == ignore_index).any() else None
+    keep = None
+    if loss == "ce" and t.dim() == 1 and (t == ignore_index).any():
+        keep = r.abs().sum(1) > 0
+    elif loss in REGRESSION_LOSSES and torch.isnan(t).any():
+        keep = ~torch.isnan(t).all(1)  # locations without any target (no object there) are not samples
     rz, zz = (r[keep], z[keep]) if keep is not None else (r, z)
     n_used = int(rz.shape[0])
     norm_sq, used_path = weight_grad_norm_sq(rz, zz, path)
@@ -206,7 +259,12 @@ def head_gradient_from_features(
     weight_norm = float(w.norm())
     feature_rms = float(zz.square().sum(1).mean().sqrt()) if n_used else 0.0
     bias_grad_norm = float(r.sum(0).norm()) if bias is not None else 0.0
-    reads = sigmoid_readouts(a) if loss == "bce" else softmax_readouts(a)
+    if loss in REGRESSION_LOSSES:  # a regression output has no class probabilities to read out
+        reads = {"entropy": float("nan"), "confidence": float("nan"), "margin": float("nan")}
+    elif loss in SIGMOID_LOSSES:
+        reads = sigmoid_readouts(a)
+    else:
+        reads = softmax_readouts(a)
     return HeadGradient(
         grad_norm=grad_norm,
         score_w=grad_norm / weight_norm if weight_norm > 0 else float("inf"),
@@ -231,6 +289,35 @@ def call_model(model: nn.Module, inputs):
     return model(inputs)
 
 
+def capture_forward(model: nn.Module, inputs, heads: list[Head], train_mode: bool = False) -> list[HeadCapture]:
+    """One forward pass under ``torch.no_grad()`` that records every head's input and output, detached.
+
+    The model runs in eval mode (``train_mode=True`` keeps training mode) and is restored afterwards;
+    the hooks are removed. A head that was not called, or was called more than once (its gradient
+    would sum over the calls, which one capture cannot hold), is a :class:`ValfreeError`.
+    """
+    was_training = model.training
+    model.train(train_mode)
+    try:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            caps = [stack.enter_context(capture_head(h)) for h in heads]
+            call_model(model, inputs)
+    finally:
+        model.train(was_training)
+    for h, cap in zip(heads, caps):
+        if cap.features is None:
+            raise ValfreeError(
+                f"the head {h.name!r} was not called during the forward pass; pass head='name' with the "
+                "module that produces the logits."
+            )
+        if cap.calls > 1:
+            raise ValfreeError(
+                f"the head {h.name!r} was called {cap.calls} times in one forward pass (shared across inputs "
+                "or feature levels); valfree supports heads applied once per forward."
+            )
+    return caps
+
+
 def head_gradient(
     model: nn.Module,
     inputs,
@@ -251,18 +338,7 @@ def head_gradient(
     ``head`` is found with :func:`find_head` when not given. See :class:`HeadGradient` for the fields.
     """
     found: Head = find_head(model, head)
-    was_training = model.training
-    model.train(train_mode)
-    try:
-        with torch.no_grad(), capture_head(found) as cap:
-            call_model(model, inputs)
-    finally:
-        model.train(was_training)
-    if cap.features is None:
-        raise ValfreeError(
-            f"the head {found.name!r} was not called during the forward pass; pass head='name' with the "
-            "module that produces the logits."
-        )
+    (cap,) = capture_forward(model, inputs, [found], train_mode)
     return head_gradient_from_features(
         cap.features,
         cap.logits,

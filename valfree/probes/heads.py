@@ -41,6 +41,23 @@ def is_linear_head(module: nn.Module) -> bool:
     return False
 
 
+SUPPORTED_HEADS = (
+    "supported heads are per-location linear maps: nn.Linear (over features, tokens or pixels) or a "
+    "1x1 convolution with stride 1 and groups=1"
+)
+
+
+def not_linear_reason(module: nn.Module) -> str:
+    """Why ``module`` is not a per-location linear head, as the middle of a sentence."""
+    kind = type(module).__name__
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (
+            f"is a {kind} with kernel_size {tuple(module.kernel_size)}, stride {tuple(module.stride)} and "
+            f"groups={module.groups}, not a per-location linear map"
+        )
+    return f"is a {kind}, not a per-location linear map"
+
+
 def linear_candidates(model: nn.Module) -> list[str]:
     """Qualified names of every linear-head-shaped module, in registration order."""
     return [name for name, m in model.named_modules() if name and is_linear_head(m)]
@@ -67,6 +84,8 @@ def find_head(model: nn.Module, head: str | nn.Module | None = None) -> Head:
     if isinstance(head, nn.Module):
         for name, m in model.named_modules():
             if m is head:
+                if not is_linear_head(m):
+                    raise ValfreeError(f"module {name!r} {not_linear_reason(m)}; {SUPPORTED_HEADS}.")
                 return Head(name, m)
         raise ValfreeError("the module passed as head= is not a submodule of the model; pass its name instead.")
     candidates = linear_candidates(model)
@@ -80,8 +99,8 @@ def find_head(model: nn.Module, head: str | nn.Module | None = None) -> Head:
         resolved = _last_linear_inside(model, head)
         if resolved is None:
             raise ValfreeError(
-                f"module {head!r} is a {type(module).__name__}, not a per-location linear map "
-                f"(nn.Linear or a 1x1 convolution); linear layers in the model: {_fmt(candidates)}."
+                f"module {head!r} {not_linear_reason(module)}; {SUPPORTED_HEADS}; "
+                f"linear layers in the model: {_fmt(candidates)}."
             )
         return Head(resolved, model.get_submodule(resolved))
     if not candidates:
@@ -127,6 +146,7 @@ class HeadCapture:
 
     features: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    calls: int = 0  # forward calls seen; a head applied twice (e.g. to several feature levels) keeps the last
 
 
 @contextlib.contextmanager
@@ -143,6 +163,7 @@ def capture_head(head: Head, detach: bool = True):
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             return
+        capture.calls += 1
         capture.features = x.detach() if detach else x
         capture.logits = output.detach() if detach else output
 

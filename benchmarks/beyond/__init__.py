@@ -1,0 +1,1 @@
+"""Evidence beyond classification heads: segmentation, detection, diffusion and a language model."""
