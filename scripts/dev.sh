@@ -30,11 +30,14 @@ setup() {
       rm -rf "$VENV"; "$PYTHON" -m venv "$VENV"
     fi
   fi
-  local stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)"
+  local stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt requirements-nodeps.txt | cksum | cut -d' ' -f1)"
   if [ ! -f "$stamp" ]; then
     echo "installing valfree and its dependencies into $VENV (torch pinned by constraints.txt)"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q -c constraints.txt -e '.[all,test]'
+    # BackPACK and curvlinops declare torchvision, which has no CPU build matching this torch and,
+    # once installed, breaks Lightning's imports; neither needs it for what valfree uses.
+    "$PY" -m pip install -q -c constraints.txt --no-deps -r requirements-nodeps.txt
     rm -f "$VENV"/.installed-*; touch "$stamp"
   fi
   if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then

@@ -17,13 +17,13 @@ __version__ = "0.1.0"
 
 # name -> (module, attribute); attribute None means the module itself.
 _LAZY = {
-    "tpv": ("valfree.tpv", "tpv"),
+    "tpv": ("valfree.tpv", None),  # the package is callable: valfree.tpv(model, x, noise)
     "tpv_stability": ("valfree.tpv", "tpv_stability"),
     "noise": ("valfree.tpv.noise", None),
     "prune": ("valfree.pruning", "prune"),
     "Monitor": ("valfree.integrations.monitor", "Monitor"),
-    "lightning": ("valfree.integrations.lightning", None),
-    "huggingface": ("valfree.integrations.huggingface", None),
+    "lightning": ("valfree.lightning", None),
+    "huggingface": ("valfree.huggingface", None),
 }
 
 __all__ = [

@@ -42,16 +42,25 @@ def add_score_parser(sub) -> None:
 
 
 def run_score(args) -> int:
+    from .integrations.torchrun import torchrun_scoring
+    from .io.checkpoints import discover_checkpoints
     from .io.scoring import score_checkpoints
 
     if args.preset and args.loss:
         raise ValfreeError(f"--loss and --preset cannot be combined: the {args.preset} preset sets its own loss.")
-    summary = score_checkpoints(
-        args.checkpoints, model_spec=args.model, data_spec=args.data, out=args.out, head=args.head,
-        loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed, split=args.split,
-        device=args.device, label_smoothing=args.label_smoothing, preset=args.preset,
-    )
-    print(summary.describe())
+    # Under torchrun each rank scores its share into a part file that rank 0 merges; alone, a no-op.
+    with torchrun_scoring(args.out, args.device) as run:
+        refs, note = discover_checkpoints(args.checkpoints)
+        summary = score_checkpoints(
+            args.checkpoints, model_spec=args.model, data_spec=args.data, out=run.part, head=args.head,
+            loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed,
+            split=args.split, device=run.device, label_smoothing=args.label_smoothing, preset=args.preset,
+            refs=run.share(refs), progress=run.rank == 0,
+        )
+        summary.scored, summary.failed = run.sum(summary.scored), run.sum(summary.failed)
+    summary.out, summary.note, summary.skipped = str(args.out), note, run.skipped
+    if run.rank == 0:
+        print(summary.describe())
     return EXIT_PARTIAL_FAILURE if summary.failed else 0
 
 

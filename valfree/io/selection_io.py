@@ -94,7 +94,8 @@ def select_from_file(source: str, column: str = "grad_norm", tail="0.2", ema: fl
     stream = stream or sys.stdout
     rows, steps, scores, sel = choose(source, column, tail, ema, mode)
     chosen = rows[sel.index]
-    result = {"path": chosen.get("path", ""), "column": column, **sel.as_dict()}
+    # Monitor rows without a saved file have no path; the step identifies them instead.
+    result = {"path": chosen.get("path") or f"step={sel.step:g}", "column": column, **sel.as_dict()}
     if as_json:
         print(json.dumps(result, indent=2), file=stream)
     else:

@@ -238,17 +238,19 @@ def head_gradient_from_features(
                 f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
                 "targets must match the model's output, one per sample or location."
             )
+    ignored = None
     if loss == "ce" and t.dim() == 1:
-        present = t[t != ignore_index].unique()
-        if present.numel() == 1:
+        ignored = t == ignore_index
+        labelled = t[~ignored] if bool(ignored.any()) else t
+        if labelled.numel() and bool((labelled == labelled[0]).all()):
             warnings.append(
-                f"the probe batch holds a single class ({int(present[0])}), so the score says little about "
+                f"the probe batch holds a single class ({int(labelled[0])}), so the score says little about "
                 "separability; use a batch that spans the classes"
             )
     r, value = residual(a, t, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index)
     keep = None
-    if loss == "ce" and t.dim() == 1 and (t == ignore_index).any():
-        keep = r.abs().sum(1) > 0
+    if ignored is not None and bool(ignored.any()):
+        keep = ~ignored
     elif loss in REGRESSION_LOSSES and torch.isnan(t).any():
         keep = ~torch.isnan(t).all(1)  # locations without any target (no object there) are not samples
     rz, zz = (r[keep], z[keep]) if keep is not None else (r, z)

@@ -1,0 +1,156 @@
+"""Hugging Face: LabelFreeCallback in a real Trainer, eval_strategy="no", on a tiny random BERT.
+
+transformers (and accelerate, which its Trainer needs) form the ``huggingface`` extra that ``make test``
+installs; they are imported inside the tests because importing them takes seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import valfree
+from valfree import head_gradient, select_checkpoint
+from valfree.cli import main as cli_main
+from valfree.errors import ValfreeError
+from valfree.io.checkpoints import load_state_dict
+
+from .test_monitor import reference_stop_step
+
+VOCAB, LENGTH = 100, 12
+
+
+class CountingTask(Dataset):
+    """Token sequences; the label says whether most tokens come from the lower half of the vocabulary.
+    Token 4 is noise that flips 15 % of the labels, so the small training set gets overfitted."""
+
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(5, VOCAB, (n, LENGTH), generator=g)
+        labels = ((self.ids < 52).sum(1) > LENGTH // 2).long()
+        flip = torch.rand(n, generator=g) < 0.15
+        self.labels = torch.where(flip, 1 - labels, labels)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": self.labels[i]}
+
+    def batch(self) -> dict:
+        return {"input_ids": self.ids, "attention_mask": torch.ones_like(self.ids), "labels": self.labels}
+
+
+def tiny_bert(dropout: float = 0.1):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def trainer_for(tmp_path, callback, model=None, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    settings = dict(eval_strategy="no", save_strategy="steps", save_steps=4, max_steps=24, learning_rate=1e-2,
+                    per_device_train_batch_size=16, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+                    logging_steps=4)
+    settings.update(overrides)
+    args = TrainingArguments(str(tmp_path / "run"), **settings)
+    return Trainer(model=model or tiny_bert(), args=args, train_dataset=CountingTask(32, seed=1), callbacks=[callback])
+
+
+def probe_entries(log_history):
+    return [e for e in log_history if "valfree/grad_norm" in e]
+
+
+def test_best_checkpoint_is_recorded_loaded_and_agrees_with_valfree_select(tmp_path):
+    probe = CountingTask(64, seed=2).batch()
+    trainer = trainer_for(tmp_path, valfree.huggingface.LabelFreeCallback(probe))
+    trainer.train()
+    run = tmp_path / "run"
+    entries = probe_entries(trainer.state.log_history)
+    steps, values = [e["step"] for e in entries], [e["valfree/grad_norm"] for e in entries]
+    assert steps == [4, 8, 12, 16, 20, 24]
+    assert [e["valfree/checkpoint"] for e in entries] == [f"checkpoint-{s}" for s in steps]
+
+    chosen = select_checkpoint(steps, values)  # the paper's universal preset, the callback's default
+    best_dir = run / f"checkpoint-{chosen.step:.0f}"
+    assert trainer.state.best_model_checkpoint == str(best_dir)
+    saved_state = json.loads((run / "checkpoint-24" / "trainer_state.json").read_text())
+    assert saved_state["best_global_step"] == chosen.step
+    assert saved_state["best_model_checkpoint"] == str(best_dir)
+    assert probe_entries(saved_state["log_history"]) == entries  # the score is in trainer_state.json
+
+    # The best model was loaded at the end: its weights, and the probe value recorded for it.
+    best_weights = load_state_dict(best_dir)
+    model_state = trainer.model.state_dict()
+    assert all(torch.equal(model_state[k], v) for k, v in best_weights.items())
+    assert chosen.step != 24 and not torch.equal(load_state_dict(run / "checkpoint-24")["classifier.weight"],
+                                                 model_state["classifier.weight"])
+    labels = probe.pop("labels")
+    assert head_gradient(trainer.model, probe, labels).grad_norm == pytest.approx(values[chosen.index], rel=1e-5)
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        cli_main(["select", str(run)])
+    assert out.getvalue().strip().splitlines()[-1] == str(best_dir)
+
+
+def test_early_stopping_ends_training_by_the_rule(tmp_path):
+    probe = CountingTask(64, seed=2).batch()
+    callback = valfree.huggingface.LabelFreeCallback(probe, patience=2, min_delta=0.01)
+    trainer = trainer_for(tmp_path, callback, save_steps=2, max_steps=60)
+    trainer.train()
+    entries = probe_entries(trainer.state.log_history)
+    steps, values = [e["step"] for e in entries], [e["valfree/grad_norm"] for e in entries]
+    assert trainer.state.global_step < 60
+    assert reference_stop_step(steps, values, patience=2, min_delta=0.01, span=3) == trainer.state.global_step
+
+
+def test_piggyback_reads_the_training_step_before_the_update(tmp_path):
+    """No dropout, so the training forward equals the train-mode probe of the same batch."""
+    model = tiny_bert(dropout=0.0)
+    seen = []
+
+    def remember(module, args, kwargs):
+        if module.training:
+            seen.append(({k: v.detach().clone() for k, v in module.state_dict().items()},
+                         {k: v.clone() for k, v in kwargs.items()}))
+
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    callback = valfree.huggingface.LabelFreeCallback(piggyback=True)
+    trainer_for(tmp_path, callback, model=model, max_steps=8).train()
+    assert callback.tracker.steps == [4, 8]
+    reference = tiny_bert(dropout=0.0)
+    for step, value in zip(callback.tracker.steps, callback.tracker.values):
+        weights, inputs = seen[step - 1]  # one forward per optimizer step
+        reference.load_state_dict(weights)
+        labels = inputs.pop("labels")
+        assert value == pytest.approx(head_gradient(reference, inputs, labels, train_mode=True).grad_norm, rel=1e-5)
+
+
+def test_resume_rebuilds_the_series_from_the_log_history(tmp_path):
+    probe = CountingTask(64, seed=2).batch()
+    first = valfree.huggingface.LabelFreeCallback(probe)
+    trainer_for(tmp_path, first, max_steps=12).train()
+    resumed = valfree.huggingface.LabelFreeCallback(probe)
+    trainer = trainer_for(tmp_path, resumed, max_steps=16)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-12"))
+    assert resumed.tracker.steps == [4, 8, 12, 16]
+    assert resumed.tracker.values[:3] == first.tracker.values
+
+
+def test_settings_that_would_fight_the_callback_are_refused(tmp_path):
+    probe = CountingTask(16, seed=2).batch()
+    with pytest.raises(ValfreeError, match="save_strategy is 'no'"):
+        trainer_for(tmp_path, valfree.huggingface.LabelFreeCallback(probe), save_strategy="no").train()
+    with pytest.raises(ValfreeError, match="not both or neither"):
+        valfree.huggingface.LabelFreeCallback()
