@@ -1,0 +1,108 @@
+"""The evidence pipeline end to end on a seconds-sized digits grid, and its assertions on broken input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from benchmarks.evidence import checks, report  # noqa: E402
+from benchmarks.evidence.config import tiny_grid  # noqa: E402
+from benchmarks.evidence.metrics import evaluate_runs  # noqa: E402
+from benchmarks.evidence.results import build_results  # noqa: E402
+from benchmarks.evidence.runner import run_grid  # noqa: E402
+from benchmarks.evidence.selectors import Run, Selector, all_selectors  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("evidence_cache")
+    specs = tiny_grid()
+    # WeightWatcher is an optional extra and slow to import; its group is covered when installed.
+    from benchmarks.evidence import signals
+
+    groups = {k: v for k, v in signals.GROUPS.items() if k != "ww"}
+    saved = signals.GROUPS
+    signals.GROUPS = groups
+    try:
+        assert run_grid(specs, cache, workers=1, log=lambda *a, **k: None) == []
+        results = build_results("tiny", specs, "pytest", cache)
+    finally:
+        signals.GROUPS = saved
+    return specs, cache, results
+
+
+def test_pipeline_produces_finite_headline_numbers(tiny, tmp_path):
+    specs, cache, results = tiny
+    assert results["runs_finished"] == len(specs)
+    overall = {row["selector"]: row for row in results["summary"]["overall"]}
+    for name in ("hg_raw", "hg_raw_family", "pseudo_heldout", "tpv", "hg_tpv_guard", "last", "val100"):
+        assert math.isfinite(overall[name]["gap_mean"]), name
+    assert all(v["chosen"]["oracle"]["gap"] == 0 for v in results["per_run"].values())
+    assert math.isfinite(results["correlations"]["hg_grad_norm|all|all"]["spearman_mean"])
+    # The JSON round-trips and renders to markdown with plots.
+    results = json.loads(json.dumps(results))
+    text = report.render(results, None, tmp_path / "img", "tiny")
+    assert "## Gap to the oracle" in text and "n/a" in text or "±" in text
+    assert (tmp_path / "img" / "evidence_gaps.png").exists()
+
+
+def test_rerun_reuses_the_cache(tiny):
+    specs, cache, _ = tiny
+    traj = cache / specs[0].name / "trajectory.json"
+    before = traj.stat().st_mtime_ns
+    assert run_grid(specs[:1], cache, workers=1, log=lambda *a, **k: None) == []
+    assert traj.stat().st_mtime_ns == before
+
+
+def _runs(tiny):
+    from benchmarks.evidence.results import collect
+
+    specs, cache, _ = tiny
+    return collect(specs, cache)[0]
+
+
+def test_constant_selector_is_caught():
+    broken = Selector("broken", "always the first checkpoint", "label-free", lambda run, runs: 0, "hg_grad_norm")
+    with pytest.raises(checks.EvidenceError, match="ignores its input"):
+        checks.check_selector_responds(broken)
+    for sel in all_selectors():
+        checks.check_selector_responds(sel)  # every real selector responds
+
+
+def test_empty_or_constant_trajectory_is_caught(tiny):
+    runs = _runs(tiny)
+    empty = Run("empty", "mlp", "clean", 0, [])
+    with pytest.raises(checks.EvidenceError, match="empty"):
+        evaluate_runs([empty], all_selectors((50, 100)))
+    flat = Run("flat", "mlp", "clean", 0, [dict(r, test_acc=0.5) for r in runs[0].rows])
+    with pytest.raises(checks.EvidenceError, match="constant"):
+        checks.check_trajectory(flat)
+
+
+def test_nan_or_constant_signal_is_caught(tiny):
+    run = _runs(tiny)[0]
+    nan_rows = [dict(r, hg_grad_norm=float("nan")) if i == 2 else r for i, r in enumerate(run.rows)]
+    with pytest.raises(checks.EvidenceError, match="non-finite"):
+        checks.check_signal(Run(run.name, run.family, run.regime, run.seed, nan_rows), "hg_grad_norm")
+    const_rows = [dict(r, hg_grad_norm=1.0) for r in run.rows]
+    with pytest.raises(checks.EvidenceError, match="constant"):
+        checks.check_signal(Run(run.name, run.family, run.regime, run.seed, const_rows), "hg_grad_norm")
+    with pytest.raises(checks.EvidenceError, match="NaN"):
+        checks.check_correlation(run, "hg_grad_norm", float("nan"))
+
+
+def test_leave_one_seed_out_never_reads_the_evaluated_run(tiny):
+    """Changing the held-out run's test accuracy must not change its per-family preset choice."""
+    runs = _runs(tiny)
+    sel = next(s for s in all_selectors() if s.name == "hg_raw_family")
+    target = runs[0]
+    before = sel.choose(target, runs)
+    scrambled_rows = [dict(r, test_acc=float(a)) for r, a in zip(target.rows, np.random.default_rng(0).permutation(target.test_acc()))]
+    scrambled = Run(target.name, target.family, target.regime, target.seed, scrambled_rows)
+    swapped = [scrambled if r is target else r for r in runs]
+    assert sel.choose(scrambled, swapped) == before
