@@ -1,6 +1,6 @@
 """Pruning criteria side by side: JBR against Torch-Pruning's criteria and the labelled ones.
 
-    python benchmarks/prune_bench.py            # or: make bench-prune   (about 40 min on 2 idle cores)
+    python benchmarks/prune_bench.py            # or: make bench-prune   (55 min on 2 busy shared cores)
     python benchmarks/prune_bench.py --quick    # one repeat, one ratio, four criteria: a few minutes
 
 A Fashion-MNIST CNN with BatchNorm (``valfree.models:cnn``, width 32) is trained once, seeded, and
