@@ -37,8 +37,8 @@ bench-beyond: setup
 	nice -n 10 $(PY) -m benchmarks.beyond.run
 	nice -n 10 $(PY) -m benchmarks.beyond.diffusion_probe_batch
 
-# Pruning criteria side by side on a Fashion-MNIST CNN (docs/pruning.md): 55 min on 2 busy shared cores plus
-# 15 min to train the CNN once (cached in benchmarks/cache/). python benchmarks/prune_bench.py --quick: minutes.
+# Pruning criteria side by side on a Fashion-MNIST CNN (docs/pruning.md): about 3 min on 2 idle cores,
+# training included (cached in benchmarks/cache/). python benchmarks/prune_bench.py --quick: seconds.
 bench-prune: setup
 	nice -n 10 $(PY) benchmarks/prune_bench.py
 

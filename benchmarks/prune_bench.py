@@ -1,7 +1,7 @@
 """Pruning criteria side by side: JBR against Torch-Pruning's criteria and the labelled ones.
 
-    python benchmarks/prune_bench.py            # or: make bench-prune   (55 min on 2 busy shared cores)
-    python benchmarks/prune_bench.py --quick    # one repeat, one ratio, four criteria: a few minutes
+    python benchmarks/prune_bench.py            # or: make bench-prune   (about 3 min on 2 idle cores)
+    python benchmarks/prune_bench.py --quick    # one repeat, one ratio, four criteria: under a minute
 
 A Fashion-MNIST CNN with BatchNorm (``valfree.models:cnn``, width 32) is trained once, seeded, and
 cached in benchmarks/cache/. Every criterion then prunes it to 30 %, 50 % and 70 % of its channels
@@ -48,11 +48,11 @@ TRAIN = dict(train_size=20000, epochs=4, batch_size=128, lr=3e-3, seed=0)  # one
 
 def train_cnn() -> tuple[torch.nn.Module, dict]:
     """The benchmark's model, trained once and cached (weights only, loaded without pickle)."""
+    torch.manual_seed(TRAIN["seed"])  # before the model is built: the initial weights are part of the recipe
     model = cnn(width=32)
     if CACHE.exists():
         model.load_state_dict(torch.load(CACHE, weights_only=True))
         return model.eval(), json.loads(CACHE.with_suffix(".json").read_text())
-    torch.manual_seed(TRAIN["seed"])
     data = fashion_mnist(split="train", limit=TRAIN["train_size"])
     x, y = data.tensors
     opt = torch.optim.Adam(model.parameters(), lr=TRAIN["lr"])
