@@ -10,23 +10,9 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import valfree
+from tests.probes.references import autograd_reference
 from valfree.probes import centernet_focal_loss, head_gradient_from_features, head_gradients, residual
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def autograd_reference(z, head, loss_fn):
-    head.zero_grad()
-    loss = loss_fn(head(z.detach()))
-    loss.backward()
-    gb = head.bias.grad.norm().item() if head.bias is not None else 0.0
-    return head.weight.grad.norm().item(), gb, loss.item()
 
 
 def reference_focal(a, y, alpha=2.0, beta=4.0):

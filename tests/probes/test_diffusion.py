@@ -9,13 +9,6 @@ import valfree
 from valfree.probes import ddpm_alphas_cumprod, diffusion_head_gradient, noised_batch
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
 
 class TinyDenoiser(nn.Module):
     """model(x_t, t): a time-conditioned conv body and a 1x1 ``head`` that outputs the prediction."""

@@ -9,25 +9,9 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import valfree
+from tests.probes.references import autograd_reference
 from valfree.probes import head_gradient_from_features, weight_grad_norm_sq
 
-
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def autograd_reference(z, head, loss_fn):
-    """||dL/dW||, ||dL/db|| and L by backward through the head alone on detached features."""
-    head.zero_grad()
-    loss = loss_fn(head(z.detach()))
-    loss.backward()
-    gb = head.bias.grad.norm().item() if head.bias is not None else 0.0
-    return head.weight.grad.norm().item(), gb, loss.item()
 
 
 shapes = st.tuples(st.integers(1, 40), st.integers(1, 30), st.integers(2, 12))

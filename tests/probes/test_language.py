@@ -11,14 +11,6 @@ from valfree.probes import lm_head_gradient, lm_head_gradient_from_features, lm_
 
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def tiny_gpt2(tied=True, vocab=40):
     transformers = pytest.importorskip("transformers")  # the 'huggingface' extra; the dev env has it
     torch.manual_seed(0)
