@@ -86,8 +86,8 @@ def cost_section(r: dict, results_dir: Path) -> str:
 
     fams = list(r["sizes"]["families"])
     out = ["Median milliseconds per checkpoint in the evidence runs, one torch thread. **Wall clock** first: the machine "
-           "was shared with other jobs (load average 10 to 15 on 2 cores), so these are inflated many times and vary "
-           "between rows; use them only as an upper bound. The controlled timings are the dedicated benchmarks below.",
+           "also ran other jobs (two evidence runs at a time, plus tests; some runs were trained under a load average "
+           "of 10 to 15 on the 2 cores), so these are inflated and vary between rows; use them only as an upper bound. The controlled timings are the dedicated benchmarks below.",
            table(["signal (wall ms)"] + fams, _signal_costs(r))]
     cpu_rows = _signal_costs(r, "signal_cpu_seconds_per_checkpoint")
     if cpu_rows:

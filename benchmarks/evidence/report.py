@@ -75,7 +75,7 @@ def section_setup(r: dict) -> str:
     missing = f" Missing: {', '.join(r['runs_missing'])}." if r["runs_missing"] else ""
     return "\n".join([
         f"- Command: `{r['command']}`; generated {r['generated']}.",
-        f"- Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores (shared with other jobs), torch {r['machine']['torch']}, one torch thread per worker.",
+        f"- Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores (also running other jobs), torch {r['machine']['torch']}, one torch thread per worker.",
         f"- Families: {fams}. Parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}.",
         f"- Regimes: {regs}.",
         f"- Seeds {s['seeds']}; {s['checkpoints']} checkpoints per run, evenly spaced; batch {s['batch_size']}.",
@@ -84,8 +84,8 @@ def section_setup(r: dict) -> str:
         f"pseudo-label probe: {s['probe_size']} held-out unlabeled images; validation sets: the first {s['val_sizes']} images of a "
         "10 000-image held-out slice of the training split, never trained on, with clean labels.",
         f"- Runs finished: {r['runs_finished']} of {r['runs_expected']}.{missing} Training plus per-checkpoint evaluation: "
-        f"{train_min:.0f} wall-clock minutes summed over runs (several runs at a time, each niced, on a machine with load "
-        f"10 to 15)" + (f"; {sum(cpu) / 60:.0f} CPU-minutes over the {len(cpu)} runs that recorded CPU time" if cpu else "")
+        f"{train_min:.0f} wall-clock minutes summed over runs (two runs at a time, niced, on a machine that also ran other "
+        "jobs, so these are upper bounds)" + (f"; {sum(cpu) / 60:.0f} CPU-minutes over the {len(cpu)} runs that recorded CPU time" if cpu else "")
         + ". Signals are extra, see Cost.",
     ])
 
@@ -248,7 +248,9 @@ def section_tpv(r: dict, sweep: dict | None, img: Path) -> str:
 
             rho = spearmanr(tpv, loss).statistic
             shape.append(f"{knob.replace('_', ' ')}: Spearman(train TPV, test loss) {rho:+.2f}; the lowest test loss is at "
-                         + (f"an interior TPV (both branches of a U; high-TPV end {rise:+.3f} above the minimum, more than two standard errors)" if interior else
+                         + (f"an interior TPV (both branches of a U; high-TPV end {rise:+.4f} above the minimum, "
+                            f"{100 * rise / loss[int(order[i_min])]:.1f} % of the loss: more than two standard errors over "
+                            f"seeds{', but small' if rise < 0.01 * loss[int(order[i_min])] else ''})" if interior else
                             ("the largest TPV, or within two standard errors of it, so only the underfit branch "
                              f"(small TPV, large loss) is visible (high-TPV end {rise:+.3f} above the minimum)"
                              if i_min > 0 else "the smallest TPV")))

@@ -51,20 +51,31 @@ def _train_and_score(spec: RunSpec, cache: Path) -> tuple[str, str]:
 
 
 def run_grid(specs: list[RunSpec], cache: Path = CACHE, workers: int = 1, log=None) -> list[str]:
-    """Train and score every run; return the names of runs that failed (the others are cached)."""
+    """Train and score every run; return the names of runs that failed (the others are cached).
+
+    A worker that dies (killed for memory, say) fails the runs still queued instead of hanging the
+    grid, as ``multiprocessing.Pool`` would; everything finished is cached, so a rerun resumes.
+    """
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     log = log or (lambda msg: print(msg, flush=True))
     failed = []
     jobs = [(s, cache) for s in specs]
     if workers <= 1:
-        results = map(_one, jobs)
-    else:
-        pool = mp.get_context("spawn").Pool(workers, maxtasksperchild=4)
-        results = pool.imap_unordered(_one, jobs)
-    for i, (name, status) in enumerate(results, 1):
-        log(f"[{i}/{len(jobs)}] {name}: {status}")
-        if not status.startswith(("ok", "skipped")):
-            failed.append(name)
-    if workers > 1:
-        pool.close()
-        pool.join()
+        for i, (name, status) in enumerate(map(_one, jobs), 1):
+            log(f"[{i}/{len(jobs)}] {name}: {status}")
+            if not status.startswith(("ok", "skipped")):
+                failed.append(name)
+        return failed
+    # No max_tasks_per_child: with it, Python 3.11's executor can stop replacing exited workers and hang.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_one, job): job[0].name for job in jobs}
+        for i, future in enumerate(as_completed(futures), 1):
+            try:
+                name, status = future.result()
+            except Exception as exc:  # BrokenProcessPool: a worker died mid-run
+                name, status = futures[future], f"FAILED: {type(exc).__name__}: {exc}"
+            log(f"[{i}/{len(jobs)}] {name}: {status}")
+            if not status.startswith(("ok", "skipped")):
+                failed.append(name)
     return failed

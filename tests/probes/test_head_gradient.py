@@ -224,6 +224,32 @@ def test_nan_logits_are_a_clear_error():
         head_gradient_from_features(z, a, torch.tensor([0, 1, 0, 1]), torch.randn(2, 3))
 
 
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, bias=st.booleans(), path=st.sampled_from(["gram", "direct"]), seed=st.integers(0, 10**6))
+def test_hard_label_fast_path_equals_the_general_path(shape, bias, path, seed):
+    """Hard labels take a shortcut (scatter/gather, one host copy); the same labels as one-hot soft
+    targets take the general path. Every field must agree."""
+    n, d, c = shape
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, d, generator=g)
+    head = nn.Linear(d, c, bias=bias)
+    y = torch.randint(0, c, (n,), generator=g)
+    a = head(z).detach()
+    fast = head_gradient_from_features(z, a, y, head.weight, head.bias, path=path).as_dict()
+    general = head_gradient_from_features(z, a, F.one_hot(y, c).double(), head.weight, head.bias, path=path).as_dict()
+    assert fast.pop("path") == general.pop("path")
+    fast.pop("warnings"), general.pop("warnings")  # only hard labels are checked for a one-class batch
+    assert fast == pytest.approx(general, rel=1e-12, abs=1e-14)
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_non_finite_logits_are_caught_on_the_fast_path_too(bad):
+    a = torch.randn(5, 3)
+    a[2, 1] = bad
+    with pytest.raises(valfree.ValfreeError, match="NaN or infinite logits"):
+        head_gradient_from_features(torch.randn(5, 4), a, torch.tensor([0, 1, 2, 0, 1]), torch.randn(3, 4))
+
+
 def test_single_class_batch_is_flagged():
     z = torch.randn(6, 3)
     head = nn.Linear(3, 4)

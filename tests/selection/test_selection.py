@@ -115,3 +115,18 @@ def test_correlations_of_constant_series_are_nan_not_errors():
 def test_gap_to_oracle():
     assert gap_to_oracle(1, [0.5, 0.7, 0.9]) == pytest.approx(0.2)
     assert gap_to_oracle(1, [0.5, 0.7, 0.9], higher_is_better=False) == pytest.approx(0.2)
+
+
+def test_ema_step_is_the_recurrence_of_ema():
+    """Online trackers (Monitor, callbacks, EarlyStopping) advance the EMA one value at a time."""
+    import math
+
+    from valfree.selection import ema, ema_step
+
+    values = [3.0, float("nan"), 1.0, 2.0, float("inf"), 0.5]
+    for span in (1, 3, 7.5):
+        state, online = math.nan, []
+        for v in values:
+            state = ema_step(state, v, span)
+            online.append(state if math.isfinite(v) else math.nan)
+        assert online == pytest.approx(list(ema(values, span)), nan_ok=True)

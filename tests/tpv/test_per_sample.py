@@ -68,3 +68,26 @@ def test_backpack_engine_agrees_where_backpack_supports_the_model():
     got = row_squares(model, x, u, lambda t: t, names, engine="backpack")
     for key in names:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "small_mlp"])
+def test_hooks_engine_leaves_no_graph_alive(name):
+    """The capture/tensor-hook cycle once kept every call's graph alive (215 MB per call on the demo
+    CNN, which ran the evidence benchmark out of memory). After a call, no tensor with a graph may remain."""
+    import gc
+
+    model = zoo.ZOO[name]().eval()
+    x = zoo.inputs_for(name, 6)
+    k = model(x[:1]).shape[1]
+    u = torch.ones(6, k, dtype=x.dtype)
+    names = [n for n, p in model.named_parameters()]
+
+    def graph_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+    row_squares(model, x, u, lambda t: t, names, engine="hooks")
+    before = graph_tensors()
+    for _ in range(3):
+        row_squares(model, x, u, lambda t: t, names, engine="hooks")
+    assert graph_tensors() == before

@@ -25,7 +25,14 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, capture_head, find_head, head_gradient_from_features, residual
-from ..probes.head_gradient import PSEUDO, call_model, flatten_targets, per_location
+from ..probes.head_gradient import (
+    NON_FINITE_LOGITS,
+    PSEUDO,
+    call_model,
+    flatten_targets,
+    per_location,
+    single_class_warning,
+)
 from ..probes.readouts import sigmoid_readouts, softmax_readouts
 
 # ----- process group ----------------------------------------------------------------------------------
@@ -118,7 +125,7 @@ def _local_terms(features, logits, targets, weight, loss, label_smoothing, ignor
     z, a = z.to(compute_dtype), a.to(compute_dtype)
     terms = _LocalTerms(z, a, None, a.shape[0], False, None)
     if not torch.isfinite(a).all():
-        terms.error = "the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored."
+        terms.error = NON_FINITE_LOGITS
         return terms
     if targets is None or (isinstance(targets, str) and targets == PSEUDO):
         t = _pseudo_targets(a, loss)
@@ -259,22 +266,17 @@ def _reduced(terms, weight, bias, n_norm_total, any_ignored, loss, ignore_index,
     warnings = []
     if hard_ce and int((present > 0).sum()) == 1:
         cls = int((present > 0).nonzero()[0])
-        warnings.append(
-            f"the probe batch holds a single class ({cls}), so the score says little about separability; "
-            "use a batch that spans the classes"
-        )
-    return HeadGradient(
-        grad_norm=grad_norm,
-        score_w=grad_norm / weight_norm if weight_norm > 0 else float("inf"),
-        score_z=grad_norm / feature_rms if feature_rms > 0 else float("inf"),
+        warnings.append(single_class_warning(cls))
+    return HeadGradient.from_norms(
+        grad_norm,
+        weight_norm,
+        feature_rms,
         bias_grad_norm=float(bias_grad.norm()) if bias is not None else 0.0,
         loss=loss_total / n_norm_total,
         entropy=entropy / n_rows,
         confidence=confidence / n_rows,
         margin=margin / n_rows,
         batch_size=int(round(n_used)),
-        weight_norm=weight_norm,
-        feature_rms=feature_rms,
         path="all_reduce",
         warnings=warnings,
     )

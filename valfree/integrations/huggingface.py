@@ -31,8 +31,8 @@ from ..errors import ValfreeError
 from ..io.checkpoints import load_into
 from ..io.results import ResultsStore
 from ..probes import HeadGradient, capture_head, find_head
-from .distributed import agree_any, distributed_head_gradient, distributed_head_gradient_from_features, shard_batch
-from .monitor import move_to, parameter_dtype, split_probe_batch
+from .distributed import agree_any, shard_batch
+from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
 from .tracking import ScoreTracker
 
 try:
@@ -139,27 +139,32 @@ class LabelFreeCallback(TrainerCallback):
 
     # ----- measuring --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _step_may_save(args, state) -> bool:
+        """Whether the step about to end can be a save step (the Trainer decides in on_step_end, after
+        the optimizer step, so piggyback must decide here). Exact for step saving, as the Trainer's own
+        DefaultFlowCallback rule; with epoch saving any step may end an epoch, so every step is probed."""
+        if args.save_strategy not in (SaveStrategy.STEPS, "steps"):
+            return True
+        step = state.global_step + 1
+        return (state.save_steps > 0 and step % state.save_steps == 0) or step >= state.max_steps
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # Piggyback: the captured logits came from the weights the optimizer is about to change.
         if not self.piggyback or self._capture.features is None:
             return
+        if not self._step_may_save(args, state):  # the same on every rank, so collectives stay paired
+            self._capture.features = self._capture.logits = None
+            return
         if self._labels is None:
             raise ValfreeError("piggyback mode reads the 'labels' argument of the model call, and the training batch has none.")
-        cap = self._capture
-        self._last = distributed_head_gradient_from_features(
-            cap.features, cap.logits, self._labels.to(cap.logits.device), self.head.weight, self.head.bias, **self.options
-        )
-        cap.features = cap.logits = None
+        self._last = probe_capture(self._capture, self.head, self._labels, **self.options)
 
     def _measure(self, model) -> HeadGradient | None:
         if self.piggyback:
             result, self._last = self._last, None
             return result
-        inputs, targets = self.shard
-        device = self.head.weight.device
-        inputs = move_to(inputs, device, parameter_dtype(model))
-        targets = targets if isinstance(targets, str) else move_to(targets, device)
-        return distributed_head_gradient(model, inputs, targets, head=self.head.module, **self.options)
+        return probe_fixed_batch(model, self.head, *self.shard, **self.options)
 
     # ----- at each save -----------------------------------------------------------------------------
 

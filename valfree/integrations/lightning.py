@@ -26,8 +26,8 @@ import torch
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, capture_head, find_head
-from .distributed import distributed_head_gradient, distributed_head_gradient_from_features, shard_batch
-from .monitor import move_to, parameter_dtype, split_probe_batch
+from .distributed import shard_batch
+from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
 from .tracking import ScoreTracker
 
 try:
@@ -92,22 +92,13 @@ class _Prober:
         micro-batch of the step."""
         if not self.piggyback or not due or self._capture.features is None:
             return
-        cap, targets = self._capture, self._targets
-        targets = targets if isinstance(targets, str) else targets.to(cap.logits.device)
-        self._last = distributed_head_gradient_from_features(
-            cap.features, cap.logits, targets, self.head.weight, self.head.bias, **self.options
-        )
-        cap.features = cap.logits = None
+        self._last = probe_capture(self._capture, self.head, self._targets, **self.options)
 
     def measure(self, pl_module: "pl.LightningModule") -> HeadGradient | None:
         if self.piggyback:  # None when the step had no optimizer step (e.g. skipped by the AMP scaler)
             result, self._last = self._last, None
             return result
-        inputs, targets = self.shard
-        device = self.head.weight.device
-        inputs = move_to(inputs, device, parameter_dtype(pl_module))
-        targets = targets if isinstance(targets, str) else move_to(targets, device)
-        return distributed_head_gradient(pl_module, inputs, targets, head=self.head.module, **self.options)
+        return probe_fixed_batch(pl_module, self.head, *self.shard, **self.options)
 
 
 class _ProbeSchedule:

@@ -77,6 +77,25 @@ def parameter_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def probe_fixed_batch(model: nn.Module, head, inputs, targets, group=None, **options) -> HeadGradient:
+    """The probe of a fixed batch (each rank passes its share), moved to the head's device and the
+    model's dtype. Shared by the Monitor and the Lightning and Hugging Face callbacks."""
+    device = head.weight.device
+    inputs = move_to(inputs, device, parameter_dtype(model))
+    targets = targets if isinstance(targets, str) else move_to(targets, device)
+    return distributed_head_gradient(model, inputs, targets, head=head.module, group=group, **options)
+
+
+def probe_capture(capture, head, targets, group=None, **options) -> HeadGradient:
+    """Piggyback: the probe of the forward the head's hook captured last (over every rank's micro-batch).
+    The capture is cleared, so the same forward is never probed twice."""
+    if not isinstance(targets, str):
+        targets = targets.to(capture.logits.device)
+    features, logits = capture.features, capture.logits
+    capture.features = capture.logits = None
+    return distributed_head_gradient_from_features(features, logits, targets, head.weight, head.bias, group=group, **options)
+
+
 class Monitor:
     """Label-free checkpoint selection and early stopping for a plain training loop.
 
@@ -188,7 +207,6 @@ class Monitor:
 
     def probe(self, targets=None) -> HeadGradient:
         """Measure now, without recording: the fixed batch, or the last training forward in piggyback mode."""
-        weight = self.head.weight
         if self.piggyback:
             if targets is None:
                 raise ValfreeError(
@@ -200,19 +218,9 @@ class Monitor:
                     f"the head {self.head.name!r} has not run since the last probe; call monitor.step() after the "
                     "training forward pass."
                 )
-            features, logits = cap.features, cap.logits
-            cap.features = cap.logits = None  # never probe the same forward twice
-            if not isinstance(targets, str):
-                targets = targets.to(weight.device)
-            result = distributed_head_gradient_from_features(
-                features, logits, targets, weight, self.head.bias, group=self.group, **self.probe_options
-            )
+            result = probe_capture(cap, self.head, targets, group=self.group, **self.probe_options)
         else:
-            inputs = move_to(self._inputs, weight.device, parameter_dtype(self.model))
-            t = self._targets if isinstance(self._targets, str) else move_to(self._targets, weight.device)
-            result = distributed_head_gradient(
-                self.model, inputs, t, head=self.head.module, group=self.group, **self.probe_options
-            )
+            result = probe_fixed_batch(self.model, self.head, self._inputs, self._targets, group=self.group, **self.probe_options)
         self.last = result
         return result
 

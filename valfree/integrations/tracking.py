@@ -30,7 +30,7 @@ from ..io.checkpoints import file_identity
 from ..io.results import STATUS_OK, ResultsStore
 from ..io.scoring import probe_row  # the column mapping of `valfree score`: the gram/direct choice -> path_used
 from ..probes import HeadGradient
-from ..selection import EarlyStopping, Selection, ema, select_checkpoint, tail_window
+from ..selection import EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
 
 SCORE_FIELDS = tuple(f.name for f in fields(HeadGradient) if f.type in ("float", float))
 
@@ -90,15 +90,12 @@ class ScoreTracker:
     # ----- recording --------------------------------------------------------------------------------
 
     def _smooth(self, value: float) -> float:
-        """The next EMA value. ``ema([state, x])`` is one step of the core recurrence, so the series
-        matches ``valfree.selection.ema`` over the whole run without recomputing it at every check."""
-        if math.isnan(self._ema_state):
-            out = ema([value], self.ema)[0]
-        else:
-            out = ema([self._ema_state, value], self.ema)[1]
-        if math.isfinite(out):
-            self._ema_state = float(out)
-        return float(out)
+        """The next EMA value, by the core recurrence (the series matches ``valfree.selection.ema``
+        over the whole run without recomputing it at every check); NaN for a non-finite value."""
+        if not math.isfinite(value):
+            return math.nan
+        self._ema_state = ema_step(self._ema_state, value, self.ema)
+        return self._ema_state
 
     def _better(self, a: float, b: float) -> bool:
         return a < b if self.mode == "min" else a > b

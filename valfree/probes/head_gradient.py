@@ -20,6 +20,7 @@ CenterNet's heatmap loss (:mod:`valfree.probes.losses`), whose R comes from auto
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Union
 
@@ -30,10 +31,11 @@ from torch import nn
 from ..errors import ValfreeError
 from .heads import Head, HeadCapture, capture_head, find_head
 from .losses import centernet_focal_loss
-from .readouts import sigmoid_readouts, softmax_readouts
+from .readouts import sigmoid_readout_tensor, softmax_readout_tensor
 
 LossSpec = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 PSEUDO = "pseudo"
+NON_FINITE_LOGITS = "the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored."
 LOSSES = ("ce", "bce", "focal", "mse", "l1")
 REGRESSION_LOSSES = ("mse", "l1")
 SIGMOID_LOSSES = ("bce", "focal")
@@ -63,6 +65,18 @@ class HeadGradient:
     feature_rms: float
     path: str
     warnings: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_norms(cls, grad_norm: float, weight_norm: float, feature_rms: float, **fields) -> "HeadGradient":
+        """The result from ||grad_W||, ||W|| and rms ||z||: the normalised scores follow (inf for a zero norm)."""
+        return cls(
+            grad_norm=grad_norm,
+            score_w=grad_norm / weight_norm if weight_norm > 0 else float("inf"),
+            score_z=grad_norm / feature_rms if feature_rms > 0 else float("inf"),
+            weight_norm=weight_norm,
+            feature_rms=feature_rms,
+            **fields,
+        )
 
     def as_dict(self) -> dict:
         row = asdict(self)
@@ -129,30 +143,51 @@ def residual(
         raise ValfreeError(
             f"unknown loss {loss!r}; use one of {', '.join(LOSSES)} or a callable loss(logits, targets)."
         )
-    logp = torch.log_softmax(logits, 1)
+    return ce_residual(torch.log_softmax(logits, 1), targets, label_smoothing, ignore_index)
+
+
+def ce_residual(
+    logp: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, mean cross-entropy) from log-probabilities ``logp`` (N, C): R = (softmax - Y) / N_valid.
+
+    Split from :func:`residual` so that a caller that also needs the softmax statistics computes the
+    log-softmax once.
+    """
+    n, c = logp.shape
     if targets.dim() == 2:  # soft targets
-        y = targets.to(logits.dtype)
+        y = targets.to(logp.dtype)
         if label_smoothing:
             y = y * (1 - label_smoothing) + label_smoothing / c
         return (logp.exp() - y) / n, -(y * logp).sum() / n
     t = targets.long()
     valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= c))
-    if bad.any():
+    n_valid, n_bad = torch.stack([valid.sum(), (valid & ((t < 0) | (t >= c))).sum()]).tolist()
+    if n_bad:
+        bad = valid & ((t < 0) | (t >= c))
         raise ValfreeError(
             f"labels must lie in [0, {c - 1}] for a head with {c} outputs, but the batch holds "
             f"{int(t[bad][0])}; check the dataset's labels or the --head option."
         )
-    n_valid = int(valid.sum())
     if n_valid == 0:
         raise ValfreeError("every target in the probe batch equals ignore_index, so there is nothing to probe.")
+    if n_valid == n and not label_smoothing:
+        # The common case, in two gathers/scatters instead of a dense one-hot.
+        index = t.unsqueeze(1)
+        r = logp.exp().scatter_add_(1, index, logp.new_full((n, 1), -1.0)).div_(n)
+        return r, -logp.gather(1, index).sum() / n
     # Y is the (smoothed) one-hot target; with it, CE = -sum_c Y_c log p_c, exactly as F.cross_entropy.
-    y = F.one_hot(t.clamp(0, c - 1), c).to(logits.dtype)
+    y = F.one_hot(t.clamp(0, c - 1), c).to(logp.dtype)
     if label_smoothing:
         y = y * (1 - label_smoothing) + label_smoothing / c
     y = y * valid.unsqueeze(1)
     r = (logp.exp() * valid.unsqueeze(1) - y) / n_valid
     return r, -(y * logp).sum() / n_valid
+
+
+def single_class_warning(label: int) -> str:
+    return (f"the probe batch holds a single class ({label}), so the score says little about separability; "
+            "use a batch that spans the classes")
 
 
 def _check_same_shape(loss: str, targets: torch.Tensor, logits: torch.Tensor) -> None:
@@ -217,8 +252,6 @@ def head_gradient_from_features(
     z, a = per_location(features.detach(), logits.detach(), channels_first)
     compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
     z, a = z.to(compute_dtype), a.to(compute_dtype)
-    if not torch.isfinite(a).all():
-        raise ValfreeError("the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored.")
     warnings: list[str] = []
     if targets is None or (isinstance(targets, str) and targets == PSEUDO):
         if loss in REGRESSION_LOSSES:
@@ -238,47 +271,114 @@ def head_gradient_from_features(
                 f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
                 "targets must match the model's output, one per sample or location."
             )
+    if loss == "ce" and t.dim() == 1 and not label_smoothing and t.numel() and a.shape[1] >= 2:
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        if 0 <= lo and hi < a.shape[1]:  # no ignored or out-of-range label: the common case
+            return _hard_label_ce_probe(z, a, t, weight, bias, path, single_class=lo == hi)
     ignored = None
     if loss == "ce" and t.dim() == 1:
         ignored = t == ignore_index
-        labelled = t[~ignored] if bool(ignored.any()) else t
-        if labelled.numel() and bool((labelled == labelled[0]).all()):
-            warnings.append(
-                f"the probe batch holds a single class ({int(labelled[0])}), so the score says little about "
-                "separability; use a batch that spans the classes"
-            )
-    r, value = residual(a, t, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index)
+        n_ignored = int(ignored.sum())
+        labelled = t[~ignored] if n_ignored else t
+        if labelled.numel():
+            lo, hi = torch.aminmax(labelled)
+            if lo == hi:
+                warnings.append(single_class_warning(int(lo)))
+        if not n_ignored:
+            ignored = None
+    logp = torch.log_softmax(a, 1) if loss == "ce" else None
+    if logp is not None:
+        r, value = ce_residual(logp, t, label_smoothing, ignore_index)
+    else:
+        r, value = residual(a, t, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index)
     keep = None
-    if ignored is not None and bool(ignored.any()):
+    if ignored is not None:
         keep = ~ignored
     elif loss in REGRESSION_LOSSES and torch.isnan(t).any():
         keep = ~torch.isnan(t).all(1)  # locations without any target (no object there) are not samples
     rz, zz = (r[keep], z[keep]) if keep is not None else (r, z)
     n_used = int(rz.shape[0])
     norm_sq, used_path = weight_grad_norm_sq(rz, zz, path)
-    grad_norm = float(norm_sq.clamp_min(0).sqrt())
-    w = weight.detach().to(compute_dtype)
-    weight_norm = float(w.norm())
-    feature_rms = float(zz.square().sum(1).mean().sqrt()) if n_used else 0.0
-    bias_grad_norm = float(r.sum(0).norm()) if bias is not None else 0.0
+    zero = norm_sq.new_zeros(())
     if loss in REGRESSION_LOSSES:  # a regression output has no class probabilities to read out
-        reads = {"entropy": float("nan"), "confidence": float("nan"), "margin": float("nan")}
-    elif loss in SIGMOID_LOSSES:
-        reads = sigmoid_readouts(a)
+        reads = norm_sq.new_full((3,), float("nan"))
     else:
-        reads = softmax_readouts(a)
-    return HeadGradient(
-        grad_norm=grad_norm,
-        score_w=grad_norm / weight_norm if weight_norm > 0 else float("inf"),
-        score_z=grad_norm / feature_rms if feature_rms > 0 else float("inf"),
-        bias_grad_norm=bias_grad_norm,
-        loss=float(value),
+        reads = sigmoid_readout_tensor(a) if loss in SIGMOID_LOSSES else softmax_readout_tensor(a, logp)
+    # Every statistic leaves the device in one copy: this runs at every step in piggyback mode.
+    sums = torch.stack([
+        norm_sq.clamp_min(0),
+        weight.detach().to(compute_dtype).square().sum(),
+        zz.square().sum() / n_used if n_used else zero,
+        r.sum(0).square().sum() if bias is not None else zero,
+        value.detach().to(compute_dtype),
+    ])
+    norm_sq_v, weight_sq, feature_ms, bias_sq, loss_value, entropy, confidence, margin = torch.cat([sums, reads]).tolist()
+    # Non-finite logits make the softmax statistics NaN, so the full check only runs when one is (or
+    # when there are none, for regression heads).
+    suspect = loss in REGRESSION_LOSSES or not math.isfinite(norm_sq_v + loss_value + entropy)
+    if suspect and not bool(torch.isfinite(a).all()):
+        raise ValfreeError(NON_FINITE_LOGITS)
+    grad_norm, weight_norm, feature_rms = math.sqrt(norm_sq_v), math.sqrt(weight_sq), math.sqrt(feature_ms)
+    return HeadGradient.from_norms(
+        grad_norm,
+        weight_norm,
+        feature_rms,
+        bias_grad_norm=math.sqrt(bias_sq),
+        loss=loss_value,
         batch_size=n_used,
-        weight_norm=weight_norm,
-        feature_rms=feature_rms,
         path=used_path,
         warnings=warnings,
-        **reads,
+        entropy=entropy,
+        confidence=confidence,
+        margin=margin,
+    )
+
+
+def _hard_label_ce_probe(
+    z: torch.Tensor, a: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias, path: str, single_class: bool
+) -> HeadGradient:
+    """:func:`head_gradient_from_features` for mean cross-entropy on hard labels in [0, C), unsmoothed.
+
+    The same quantities as the general path, in about twenty tensor operations and one device-to-host
+    copy: piggyback mode runs this at every training step, right after a backward pass has evicted
+    the caches, where each extra small operation costs tens of microseconds. Sums are taken on the
+    device and normalised in Python: with S = N R = softmax(A) - Y, grad_W = S^T Z / N.
+    """
+    n = a.shape[0]
+    index = t.unsqueeze(1)
+    logp = torch.log_softmax(a, 1)
+    p = logp.exp()
+    s = p.scatter_add(1, index, p.new_full((n, 1), -1.0))
+    norm_sq, used_path = weight_grad_norm_sq(s, z, path)
+    zero = norm_sq.new_zeros(())
+    sums = torch.cat([
+        torch.stack([
+            norm_sq.clamp_min(0),
+            weight.detach().to(a.dtype).square().sum(),
+            z.square().sum(),
+            s.sum(0).square().sum() if bias is not None else zero,
+            logp.gather(1, index).sum(),
+            (p * logp).sum(),
+        ]),
+        p.topk(2, 1).values.sum(0),
+    ]).tolist()
+    norm_sq_v, weight_sq, z_sq, bias_sq, log_lik, neg_entropy, top1, top2 = sums
+    if not math.isfinite(norm_sq_v + log_lik + neg_entropy) and not bool(torch.isfinite(a).all()):
+        raise ValfreeError(NON_FINITE_LOGITS)
+    grad_norm, weight_norm, feature_rms = math.sqrt(norm_sq_v) / n, math.sqrt(weight_sq), math.sqrt(z_sq / n)
+    warnings = [single_class_warning(int(t[0]))] if single_class else []
+    return HeadGradient.from_norms(
+        grad_norm,
+        weight_norm,
+        feature_rms,
+        bias_grad_norm=math.sqrt(bias_sq) / n,
+        loss=-log_lik / n,
+        batch_size=n,
+        path=used_path,
+        warnings=warnings,
+        entropy=-neg_entropy / n,
+        confidence=top1 / n,
+        margin=(top1 - top2) / n,
     )
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from .head_gradient import HeadGradient, capture_forward, gram_is_cheaper, residual, weight_grad_norm_sq
+from .head_gradient import NON_FINITE_LOGITS, HeadGradient, capture_forward, gram_is_cheaper, residual, weight_grad_norm_sq
 from .heads import find_head
 from .readouts import softmax_readouts
 
@@ -137,7 +137,7 @@ def lm_head_gradient_from_features(
         rows = keep[start:start + chunk]
         a_c, z_c, t_c = a[rows].to(compute_dtype), z[rows].to(compute_dtype), t[rows]
         if not torch.isfinite(a_c).all():
-            raise ValfreeError("the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored.")
+            raise ValfreeError(NON_FINITE_LOGITS)
         # residual() divides by the chunk's size; rescale so that the chunks add up to the mean over all n.
         r, value = residual(a_c, t_c, "ce", ignore_index=ignore_index)
         share = len(rows) / n
@@ -164,15 +164,13 @@ def lm_head_gradient_from_features(
             "the head weight is tied to the input embedding: weight_norm and score_w use the shared matrix, and "
             "grad_norm is the gradient through the head's use of it only"
         )
-    return LMHeadGradient(
-        grad_norm=grad_norm,
-        score_w=grad_norm / weight_norm if weight_norm > 0 else float("inf"),
-        score_z=grad_norm / feature_rms if feature_rms > 0 else float("inf"),
+    return LMHeadGradient.from_norms(
+        grad_norm,
+        weight_norm,
+        feature_rms,
         bias_grad_norm=float(bias_grad.norm()) if bias is not None else 0.0,
         loss=loss_sum,
         batch_size=n,
-        weight_norm=weight_norm,
-        feature_rms=feature_rms,
         path=path,
         warnings=warnings,
         tied=tied,

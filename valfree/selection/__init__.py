@@ -3,7 +3,7 @@
 from .early_stopping import EarlyStopping
 from .evaluation import Correlations, correlations, gap_to_oracle
 from .select import UNIVERSAL_PRESET, Selection, select_checkpoint, tail_window
-from .smoothing import ema
+from .smoothing import ema, ema_step
 
 __all__ = [
     "Correlations",
@@ -12,6 +12,7 @@ __all__ = [
     "UNIVERSAL_PRESET",
     "correlations",
     "ema",
+    "ema_step",
     "gap_to_oracle",
     "select_checkpoint",
     "tail_window",

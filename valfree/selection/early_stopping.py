@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import ValfreeError
+from .smoothing import ema_step
 
 
 class EarlyStopping:
@@ -36,8 +37,7 @@ class EarlyStopping:
     def update(self, step: float, score: float) -> bool:
         """Feed one score; return True once training should stop."""
         if math.isfinite(score):
-            alpha = 2.0 / (self.ema + 1.0) if self.ema and self.ema > 1 else 1.0
-            self.smoothed = score if math.isnan(self.smoothed) else alpha * score + (1 - alpha) * self.smoothed
+            self.smoothed = ema_step(self.smoothed, score, self.ema)
             if self.improved(self.smoothed):
                 self.best, self.best_step, self.wait = self.smoothed, step, 0
                 return self.stopped

@@ -8,6 +8,20 @@ from typing import Sequence
 import numpy as np
 
 
+def ema_step(state: float, value: float, span: float = 3) -> float:
+    """One step of the recurrence of :func:`ema`: the smoothed value after ``state`` sees ``value``.
+
+    ``state`` is NaN before the first finite value. A non-finite ``value`` leaves the state unchanged
+    (the caller records NaN for that entry). Online trackers call this instead of recomputing the series.
+    """
+    if not math.isfinite(value):
+        return state
+    if span is None or span <= 1 or math.isnan(state):
+        return float(value)
+    alpha = 2.0 / (span + 1.0)
+    return alpha * value + (1 - alpha) * state
+
+
 def ema(values: Sequence[float], span: float = 3) -> np.ndarray:
     """Exponential moving average with span ``k``: alpha = 2 / (k + 1), s_0 = x_0.
 
@@ -17,15 +31,9 @@ def ema(values: Sequence[float], span: float = 3) -> np.ndarray:
     """
     x = np.asarray(values, dtype=float)
     out = np.full_like(x, np.nan)
-    if span is None or span <= 1:
-        finite = np.isfinite(x)
-        out[finite] = x[finite]
-        return out
-    alpha = 2.0 / (span + 1.0)
     state = math.nan
-    for i, v in enumerate(x):
-        if not math.isfinite(v):
-            continue
-        state = v if math.isnan(state) else alpha * v + (1 - alpha) * state
-        out[i] = state
+    for i, v in enumerate(x.tolist()):
+        if math.isfinite(v):
+            state = ema_step(state, v, span)
+            out[i] = state
     return out

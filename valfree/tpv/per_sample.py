@@ -228,6 +228,17 @@ def hooks_row_squares(
     for key, m in plan.modules.items():
         handles.append(m.register_forward_hook(make_hook(key)))
     try:
+        return _rows_from_captures(model, x, u, output_fn, names, plan, captures, handles)
+    finally:
+        # Each captured output holds a tensor hook whose closure holds the capture, which holds the
+        # output: a cycle through autograd's C++ hook table that Python's collector cannot see. Left
+        # alone, it keeps the whole graph (every saved activation) alive after the call returns.
+        for c in captures.values():
+            c.x = c.out = c.delta = None
+
+
+def _rows_from_captures(model, x, u, output_fn, names, plan: _Plan, captures: dict, handles: list) -> dict[str, torch.Tensor]:
+    try:
         f = output_rows(model(x), output_fn)
     finally:
         for h in handles:
