@@ -22,7 +22,7 @@ bench-tpv: setup
 
 bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
 
-# Evidence benchmark (docs/benchmarks.md): 36 trajectories, hours on 2 shared cores; cached and resumable, so a
+# Evidence benchmark (docs/benchmarks.md): 36 trajectories, about an hour on 2 idle cores; cached and resumable, so a
 # rerun only redoes what is missing. bench-quick: one seed of two families, minutes (docs/benchmarks_quick.md).
 bench-evidence: setup
 	$(PY) -m benchmarks.evidence run --workers 2

@@ -203,15 +203,14 @@ def write_docs(r: dict) -> None:
         )
     table = "\n".join([
         BEGIN,
-        f"Measured {r['date'][:10]} with `{r['command']}` on a {hw['cpu_count']}-core x86-64 CPU shared with other "
-        f"jobs (1-minute load average {hw['load_average_1min']}), {hw['threads']} torch thread, torch {hw['torch']}, "
+        f"Measured {r['date'][:10]} with `{r['command']}` on a {hw['cpu_count']}-core x86-64 CPU "
+        f"(1-minute load average {hw['load_average_1min']} at the end), {hw['threads']} torch thread, torch {hw['torch']}, "
         f"no GPU. Model `{s['model']}` on {s['data']}, batch {s['batch']}, {s['train_images']} training images = "
         f"{s['steps_per_epoch']} steps per epoch; {s['timed_step_pairs']} timed pairs of steps. A plain training "
         f"step took {r['step_ms_cpu']:.0f} ms of CPU time ({r['step_ms_wall']:.0f} ms wall), an epoch "
         f"{r['epoch_s_cpu']:.1f} s of CPU time. Shares are ratios of CPU time, which counts this process's work "
         "and not its waits for a core, so other jobs inflate it less than the wall clock (they still evict its "
-        "caches: the step's CPU time varied from about 240 to 350 ms between runs). The wall-clock share is shown "
-        "beside it.",
+        "caches). The wall-clock share is shown beside it.",
         "",
         "| mode | CPU time per probe | share (CPU time) | share (wall clock) | target | `every` for < 0.1 % |",
         "|---|---|---|---|---|---|",

@@ -86,7 +86,7 @@ def cost_section(r: dict, results_dir: Path) -> str:
 
     fams = list(r["sizes"]["families"])
     out = ["Median milliseconds per checkpoint in the evidence runs, one torch thread. **Wall clock** first: the machine "
-           "also ran other jobs (two evidence runs at a time, plus tests; some runs were trained under a load average "
+           "also ran other jobs (up to two evidence runs at a time, plus tests; some runs were trained under a load average "
            "of 10 to 15 on the 2 cores), so these are inflated and vary between rows; use them only as an upper bound. The controlled timings are the dedicated benchmarks below.",
            table(["signal (wall ms)"] + fams, _signal_costs(r))]
     cpu_rows = _signal_costs(r, "signal_cpu_seconds_per_checkpoint")

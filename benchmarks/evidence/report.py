@@ -84,7 +84,7 @@ def section_setup(r: dict) -> str:
         f"pseudo-label probe: {s['probe_size']} held-out unlabeled images; validation sets: the first {s['val_sizes']} images of a "
         "10 000-image held-out slice of the training split, never trained on, with clean labels.",
         f"- Runs finished: {r['runs_finished']} of {r['runs_expected']}.{missing} Training plus per-checkpoint evaluation: "
-        f"{train_min:.0f} wall-clock minutes summed over runs (two runs at a time, niced, on a machine that also ran other "
+        f"{train_min:.0f} wall-clock minutes summed over runs (niced, on a machine that also ran other "
         "jobs, so these are upper bounds)" + (f"; {sum(cpu) / 60:.0f} CPU-minutes over the {len(cpu)} runs that recorded CPU time" if cpu else "")
         + ". Signals are extra, see Cost.",
     ])
@@ -264,7 +264,17 @@ def section_tpv(r: dict, sweep: dict | None, img: Path) -> str:
         rows = [[t["run"], f"{t['best_epoch']:.1f}", f(100 * t["best_acc"]), f(t["peak_drop"]), f"{t['argmax_tpv_epoch']:.1f}",
                  f(100 * t["argmax_tpv_acc"]), f"{t['argmin_tpv_epoch']:.1f}", f(100 * t["argmin_tpv_acc"])]
                 for t in traj if t["regime"] == "noisy"]
-        out += ["On the noisy-label trajectories: where smoothed Tr(H_eff) peaks and bottoms out, next to the test-accuracy peak.",
+        noisy = [t for t in traj if t["regime"] == "noisy"]
+        summary = ""
+        if noisy:
+            late = np.mean([t["argmax_tpv_epoch"] - t["best_epoch"] for t in noisy])
+            cost_max = np.mean([100 * (t["best_acc"] - t["argmax_tpv_acc"]) for t in noisy])
+            cost_min = np.mean([100 * (t["best_acc"] - t["argmin_tpv_acc"]) for t in noisy])
+            summary = (f" Over these {len(noisy)} runs the argmax-TPV point came {late:+.1f} epochs after the test-accuracy "
+                       f"peak on average, {cost_max:.2f} points of accuracy below it; the argmin-TPV point was "
+                       f"{cost_min:.2f} points below it.")
+        out += ["On the noisy-label trajectories: where smoothed Tr(H_eff) peaks and bottoms out, next to the test-accuracy peak."
+                + summary,
                 table(["run", "best epoch", "best acc", "drop to last", "argmax TPV epoch", "acc there", "argmin TPV epoch", "acc there"], rows)]
     return "\n\n".join(out)
 
