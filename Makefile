@@ -23,7 +23,8 @@ bench-tpv: setup
 bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
 
 # Evidence benchmark (docs/benchmarks.md): 36 trajectories, about an hour on 2 idle cores; cached and resumable, so a
-# rerun only redoes what is missing. bench-quick: one seed of two families, minutes (docs/benchmarks_quick.md).
+# rerun only redoes what is missing. bench-quick: one seed of two families, about a minute on 2 idle cores
+# (docs/benchmarks_quick.md).
 bench-evidence: setup
 	$(PY) -m benchmarks.evidence run --workers 2
 
