@@ -242,6 +242,18 @@ def test_hard_label_fast_path_equals_the_general_path(shape, bias, path, seed):
     assert fast == pytest.approx(general, rel=1e-12, abs=1e-14)
 
 
+def test_an_in_range_ignore_index_is_ignored_not_taken_for_a_class():
+    """ignore_index=0 ("background ignored"): label 0 must drop out, as in F.cross_entropy."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(12, 6, generator=g)
+    head = nn.Linear(6, 4)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0, 1, 2])
+    ref = autograd_reference(z, head, lambda a: F.cross_entropy(a, y, ignore_index=0))
+    got = head_gradient_from_features(z, head(z).detach(), y, head.weight, head.bias, ignore_index=0)
+    assert got.grad_norm == pytest.approx(ref[0], rel=1e-10)
+    assert got.batch_size == 8
+
+
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 def test_non_finite_logits_are_caught_on_the_fast_path_too(bad):
     a = torch.randn(5, 3)

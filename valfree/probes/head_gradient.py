@@ -271,9 +271,12 @@ def head_gradient_from_features(
                 f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
                 "targets must match the model's output, one per sample or location."
             )
-    if loss == "ce" and t.dim() == 1 and not label_smoothing and t.numel() and a.shape[1] >= 2:
+    c = a.shape[1]
+    # The shortcut needs every label to be a real class: no smoothing, and an ignore_index that no
+    # in-range label can equal (the default -100; 255 for segmentation with fewer classes).
+    if loss == "ce" and t.dim() == 1 and not label_smoothing and t.numel() and c >= 2 and not 0 <= ignore_index < c:
         lo, hi = torch.stack(torch.aminmax(t)).tolist()
-        if 0 <= lo and hi < a.shape[1]:  # no ignored or out-of-range label: the common case
+        if 0 <= lo and hi < c:  # no ignored or out-of-range label: the common case
             return _hard_label_ce_probe(z, a, t, weight, bias, path, single_class=lo == hi)
     ignored = None
     if loss == "ce" and t.dim() == 1:
