@@ -10,18 +10,7 @@ from valfree import ValfreeError, prune
 from valfree.models import resnet
 from valfree.pruning import CRITERIA, calibration_from, recalibrate_batchnorm
 
-
-class LabelTrap:
-    """A label that raises as soon as anything reads it."""
-
-    def _touched(self, *args, **kwargs):
-        raise AssertionError("a true label was read")
-
-    __int__ = __index__ = __float__ = __len__ = __iter__ = __getitem__ = __array__ = __eq__ = _touched
-    __hash__ = None
-
-    def __getattr__(self, name):
-        self._touched()
+from ..label_traps import InputsWithTrappedLabels
 
 
 class TrappedLabels(torch.Tensor):
@@ -30,17 +19,6 @@ class TrappedLabels(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         raise AssertionError(f"a true label was read ({getattr(func, '__name__', func)})")
-
-
-class TrappedDataset(torch.utils.data.Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], LabelTrap()
 
 
 def convs(model):
@@ -109,11 +87,11 @@ def test_every_criterion_prunes(trained_cnn, digits, name):
 def test_jbr_never_reads_a_label(trained_cnn, digits):
     x = digits[0].tensors[0][:300]
     trapped = torch.zeros(len(x), dtype=torch.long).as_subclass(TrappedLabels)
-    for data in (TrappedDataset(x), (x, trapped)):
+    for data in (InputsWithTrappedLabels(x), (x, trapped)):
         result = prune(trained_cnn, data, "jbr", ratio=0.5, steps=2, finetune_steps=3)
         assert result.final.params < result.unpruned.params
     with pytest.raises(AssertionError, match="a true label was read"):  # the traps do fire when read
-        prune(trained_cnn, TrappedDataset(x), "jacobian", ratio=0.5, steps=1)
+        prune(trained_cnn, InputsWithTrappedLabels(x), "jacobian", ratio=0.5, steps=1)
 
 
 def test_records_accuracy_at_each_step(trained_cnn, digits):

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import valfree
 from valfree.io.data import fashion_mnist
@@ -13,6 +12,7 @@ from valfree.models import mlp
 from valfree.tpv.estimate import TPVEstimate
 from valfree.tpv.stability import ratio_interval, verdict
 
+from ..label_traps import InputsWithTrappedLabels
 from . import zoo
 
 
@@ -29,24 +29,6 @@ def test_ratio_interval_is_the_delta_method_on_the_log_ratio():
 @pytest.mark.parametrize("low, high, expected", [(0.9, 1.1, "stable"), (1.4, 1.9, "unstable"), (0.3, 0.7, "unstable"), (0.7, 1.3, "inconclusive")])
 def test_verdicts(low, high, expected):
     assert verdict(low, high) == expected
-
-
-class LabelTrap:
-    """A label that fails loudly if anything reads it."""
-
-    def __getattr__(self, name):
-        raise AssertionError("a test label was read")
-
-
-class InputsWithTrappedLabels(Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], LabelTrap()
 
 
 def test_same_distribution_is_stable_and_test_labels_are_never_read():
