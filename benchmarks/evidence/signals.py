@@ -12,7 +12,6 @@ the model was trained on, held-out *unlabeled* images, or the weights.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from valfree.io.checkpoints import load_into
 
 from .config import CACHE, RunSpec
 from .data import run_data
-from .trajectories import load_trajectory, run_dir, write_json_atomic
+from .trajectories import load_trajectory, read_record, run_dir, write_json_atomic
 
 SIGNALS_VERSION = 1
 TPV_INPUTS = 64  # training images for Tr(H_eff); the same images and probe seeds for every checkpoint
@@ -74,16 +73,7 @@ GROUPS = {
 
 
 def load_signals(spec: RunSpec, cache: Path = CACHE) -> dict | None:
-    path = run_dir(spec, cache) / "signals.json"
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if record.get("key") != spec.key() or record.get("version") != SIGNALS_VERSION:
-        return None
-    return record
+    return read_record(run_dir(spec, cache) / "signals.json", spec, version=SIGNALS_VERSION)
 
 
 def compute_signals(spec: RunSpec, cache: Path = CACHE, groups=None, log=print) -> dict:

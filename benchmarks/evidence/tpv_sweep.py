@@ -14,14 +14,13 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 import valfree
 
 from .config import CACHE, FAMILIES, REGIMES, RESULTS, RunSpec
 from .data import run_data
 from .results import machine
-from .trajectories import evaluate, make_optimizer, write_json_atomic
+from .trajectories import evaluate, make_optimizer, training_steps, write_json_atomic
 
 WEIGHT_DECAYS = (0.0, 1e-4, 5e-4, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 SMOOTHINGS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
@@ -32,21 +31,10 @@ def train_final(spec: RunSpec, label_smoothing: float) -> tuple[torch.nn.Module,
     data = run_data(spec)
     torch.manual_seed(spec.seed)
     model = spec.family.build(data.in_size)
-    n = len(data.x_train)
-    steps_per_epoch = n // spec.batch_size
-    total = spec.regime.epochs * steps_per_epoch
+    total = spec.regime.epochs * (len(data.x_train) // spec.batch_size)
     opt, sched = make_optimizer(spec, model, total)
-    g = torch.Generator().manual_seed(spec.seed)
-    model.train()
-    for _ in range(spec.regime.epochs):
-        perm = torch.randperm(n, generator=g)
-        for b in range(steps_per_epoch):
-            idx = perm[b * spec.batch_size : (b + 1) * spec.batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx], label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    for _ in training_steps(spec, model, data, opt, sched, label_smoothing):
+        pass
     return model, data
 
 

@@ -30,15 +30,22 @@ def run_dir(spec: RunSpec, cache: Path = CACHE) -> Path:
     return cache / spec.name
 
 
-def load_trajectory(spec: RunSpec, cache: Path = CACHE) -> dict | None:
-    path = run_dir(spec, cache) / "trajectory.json"
+def read_record(path: Path, spec: RunSpec, **expected) -> dict | None:
+    """The cached JSON record at ``path`` if it belongs to ``spec`` (same key) and has every
+    ``expected`` field value; None if it is missing, truncated or stale."""
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    return record if record.get("key") == spec.key() else None
+    if record.get("key") != spec.key() or any(record.get(k) != v for k, v in expected.items()):
+        return None
+    return record
+
+
+def load_trajectory(spec: RunSpec, cache: Path = CACHE) -> dict | None:
+    return read_record(run_dir(spec, cache) / "trajectory.json", spec)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -92,6 +99,26 @@ def make_optimizer(spec: RunSpec, model: nn.Module, total_steps: int):
     else:
         raise ValueError(f"unknown schedule {reg.schedule!r}")
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lam)
+
+
+def training_steps(spec: RunSpec, model: nn.Module, data, opt, sched, label_smoothing: float = 0.0):
+    """Train ``model`` for ``spec.regime.epochs`` shuffled epochs (seeded by ``spec.seed``), yielding
+    (step, loss) after each optimizer step, so that a caller can checkpoint between steps."""
+    n = len(data.x_train)
+    g = torch.Generator().manual_seed(spec.seed)
+    step = 0
+    model.train()
+    for _ in range(spec.regime.epochs):
+        perm = torch.randperm(n, generator=g)
+        for b in range(n // spec.batch_size):
+            idx = perm[b * spec.batch_size : (b + 1) * spec.batch_size]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx], label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            yield step, float(loss.detach())
 
 
 def checkpoint_steps(total_steps: int, count: int) -> list[int]:
@@ -185,44 +212,34 @@ def _train(spec: RunSpec, cache: Path, log) -> dict:
     total = spec.regime.epochs * steps_per_epoch
     save_at = set(checkpoint_steps(total, spec.checkpoints))
     opt, sched = make_optimizer(spec, model, total)
-    g = torch.Generator().manual_seed(spec.seed)
-    rows, step, t_train, t_eval = [], 0, 0.0, 0.0
+    rows, t_train, t_eval = [], 0.0, 0.0
     cpu_start = time.process_time()  # CPU time of the whole loop (training and evaluation), load-independent
     running, running_n = 0.0, 0
-    model.train()
-    for epoch in range(spec.regime.epochs):
-        perm = torch.randperm(n, generator=g)
-        t0 = time.perf_counter()
-        for b in range(steps_per_epoch):
-            idx = perm[b * spec.batch_size : (b + 1) * spec.batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            running += float(loss.detach())
-            running_n += 1
-            if step in save_at:
-                t_train += time.perf_counter() - t0
-                t1 = time.perf_counter()
-                path = out / f"step_{step:06d}.pt"
-                torch.save(model.state_dict(), path)
-                test_acc, test_loss = evaluate(model, data.x_test, data.y_test)
-                train_acc, train_loss = evaluate(model, data.x_train_eval, data.y_train_eval)
-                row = {
-                    "step": step, "epoch": step / steps_per_epoch, "path": path.name,
-                    "test_acc": test_acc, "test_loss": test_loss,
-                    "train_acc": train_acc, "train_loss": train_loss,
-                    "running_train_loss": running / max(running_n, 1),
-                    "lr": opt.param_groups[0]["lr"],
-                    **val_accuracies(model, data, spec.val_sizes),
-                }
-                rows.append(row)
-                running, running_n = 0.0, 0
-                t_eval += time.perf_counter() - t1
-                t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for step, loss in training_steps(spec, model, data, opt, sched):
+        running += loss
+        running_n += 1
+        if step not in save_at:
+            continue
         t_train += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        path = out / f"step_{step:06d}.pt"
+        torch.save(model.state_dict(), path)
+        test_acc, test_loss = evaluate(model, data.x_test, data.y_test)
+        train_acc, train_loss = evaluate(model, data.x_train_eval, data.y_train_eval)
+        row = {
+            "step": step, "epoch": step / steps_per_epoch, "path": path.name,
+            "test_acc": test_acc, "test_loss": test_loss,
+            "train_acc": train_acc, "train_loss": train_loss,
+            "running_train_loss": running / max(running_n, 1),
+            "lr": opt.param_groups[0]["lr"],
+            **val_accuracies(model, data, spec.val_sizes),
+        }
+        rows.append(row)
+        running, running_n = 0.0, 0
+        t_eval += time.perf_counter() - t1
+        t0 = time.perf_counter()
+    t_train += time.perf_counter() - t0
     if len(rows) != len(save_at):
         raise RuntimeError(f"{spec.name}: saved {len(rows)} checkpoints, expected {len(save_at)}")
     record = {
