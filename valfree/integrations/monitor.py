@@ -89,8 +89,6 @@ def probe_fixed_batch(model: nn.Module, head, inputs, targets, group=None, **opt
 def probe_capture(capture, head, targets, group=None, **options) -> HeadGradient:
     """Piggyback: the probe of the forward the head's hook captured last (over every rank's micro-batch).
     The capture is cleared, so the same forward is never probed twice."""
-    if not isinstance(targets, str):
-        targets = targets.to(capture.logits.device)
     features, logits = capture.features, capture.logits
     capture.features = capture.logits = None
     return distributed_head_gradient_from_features(features, logits, targets, head.weight, head.bias, group=group, **options)
@@ -201,8 +199,9 @@ class Monitor:
         probe = self.probe(targets)
         path = str(self.checkpoint_dir / self.filename.format(step=step)) if self.checkpoint_dir is not None else ""
         self.tracker.record(step, probe, path, save=self._save, remove=self._remove if self.rank == 0 else None)
-        # Every rank computed the same numbers; agreeing on the flag makes a missed stop impossible.
-        self.tracker.stopped = agree_any(self.tracker.stopped, self.group, self.head.weight.device)
+        if self.world > 1:
+            # Every rank computed the same numbers; agreeing on the flag makes a missed stop impossible.
+            self.tracker.stopped = agree_any(self.tracker.stopped, self.group, self.head.weight.device)
         return probe
 
     def probe(self, targets=None) -> HeadGradient:

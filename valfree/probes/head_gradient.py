@@ -93,12 +93,22 @@ def per_location(
     """
     if channels_first:
         features, logits = features.movedim(1, -1), logits.movedim(1, -1)
+    elif features.dim() == 2 and logits.dim() == 2:
+        return features, logits  # already rows; skipping the no-op reshapes matters in piggyback mode
     return features.reshape(-1, features.shape[-1]), logits.reshape(-1, logits.shape[-1])
+
+
+def detached(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut from the graph, without a call when it already is: in piggyback mode the probe runs
+    after a backward pass, where each tensor call, even a no-op, costs tens of microseconds."""
+    return x.detach() if x.requires_grad else x
 
 
 def flatten_targets(targets: torch.Tensor, logits: torch.Tensor, channels_first: bool) -> torch.Tensor:
     """Flatten targets to match :func:`per_location`: (N,) class indices or (N, C) soft targets."""
     num_classes = logits.shape[1] if channels_first else logits.shape[-1]
+    if targets.dtype == torch.long and targets.dim() == 1:
+        return targets
     if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
         return targets.reshape(-1).long()
     if targets.dim() == logits.dim():
@@ -249,9 +259,10 @@ def head_gradient_from_features(
     model's own argmax, for unlabeled data. This is what the plain-loop Monitor's piggyback mode calls.
     """
     channels_first = weight.dim() > 2  # convolution weights are (C, d, 1, ...)
-    z, a = per_location(features.detach(), logits.detach(), channels_first)
+    z, a = per_location(detached(features), detached(logits), channels_first)
     compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    z, a = z.to(compute_dtype), a.to(compute_dtype)
+    if z.dtype != compute_dtype or a.dtype != compute_dtype:
+        z, a = z.to(compute_dtype), a.to(compute_dtype)
     warnings: list[str] = []
     if targets is None or (isinstance(targets, str) and targets == PSEUDO):
         if loss in REGRESSION_LOSSES:
@@ -265,7 +276,7 @@ def head_gradient_from_features(
     else:
         if isinstance(loss, str) and loss in REGRESSION_LOSSES + ("focal",):
             _check_same_shape(loss, targets, logits)  # before flattening, so the message shows the real shapes
-        t = flatten_targets(targets.to(a.device), logits, channels_first)
+        t = flatten_targets(targets if targets.device == a.device else targets.to(a.device), logits, channels_first)
         if t.shape[0] != a.shape[0]:
             raise ValfreeError(
                 f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
@@ -275,9 +286,9 @@ def head_gradient_from_features(
     # The shortcut needs every label to be a real class: no smoothing, and an ignore_index that no
     # in-range label can equal (the default -100; 255 for segmentation with fewer classes).
     if loss == "ce" and t.dim() == 1 and not label_smoothing and t.numel() and c >= 2 and not 0 <= ignore_index < c:
-        lo, hi = torch.stack(torch.aminmax(t)).tolist()
-        if 0 <= lo and hi < c:  # no ignored or out-of-range label: the common case
-            return _hard_label_ce_probe(z, a, t, weight, bias, path, single_class=lo == hi)
+        fast = _hard_label_ce_probe(z, a, t, weight, bias, path)
+        if fast is not None:  # None: an ignored or out-of-range label, which the general path handles
+            return fast
     ignored = None
     if loss == "ce" and t.dim() == 1:
         ignored = t == ignore_index
@@ -338,47 +349,61 @@ def head_gradient_from_features(
 
 
 def _hard_label_ce_probe(
-    z: torch.Tensor, a: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias, path: str, single_class: bool
-) -> HeadGradient:
-    """:func:`head_gradient_from_features` for mean cross-entropy on hard labels in [0, C), unsmoothed.
+    z: torch.Tensor, a: torch.Tensor, t: torch.Tensor, weight: torch.Tensor, bias, path: str
+) -> HeadGradient | None:
+    """:func:`head_gradient_from_features` for mean cross-entropy on hard labels, unsmoothed; None if
+    a label lies outside [0, C).
 
-    The same quantities as the general path, in about twenty tensor operations and one device-to-host
-    copy: piggyback mode runs this at every training step, right after a backward pass has evicted
-    the caches, where each extra small operation costs tens of microseconds. Sums are taken on the
-    device and normalised in Python: with S = N R = softmax(A) - Y, grad_W = S^T Z / N.
+    The same quantities as the general path from as few distinct tensor kernels as possible, and one
+    device-to-host copy. Piggyback mode runs this right after a backward pass has evicted the caches,
+    where the first call of each kernel costs tens of microseconds and a repeated call almost nothing,
+    so every sum is a ``dot``. With S = N R = softmax(A) - Y (one scatter), grad_W = S^T Z / N,
+    grad_b = 1^T S / N, sum_n log p_n[t_n] = <P, log P> - <S, log P>, and the class counts are
+    1^T P - 1^T S; the normalisation by N is done in Python.
     """
-    n = a.shape[0]
-    index = t.unsqueeze(1)
+    n, c = a.shape
+    if a.device.type != "cpu":  # the CPU scatter checks its indices itself, and raises
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        if lo < 0 or hi >= c:
+            return None
     logp = torch.log_softmax(a, 1)
     p = logp.exp()
-    s = p.scatter_add(1, index, p.new_full((n, 1), -1.0))
-    norm_sq, used_path = weight_grad_norm_sq(s, z, path)
-    zero = norm_sq.new_zeros(())
-    sums = torch.cat([
-        torch.stack([
-            norm_sq.clamp_min(0),
-            weight.detach().to(a.dtype).square().sum(),
-            z.square().sum(),
-            s.sum(0).square().sum() if bias is not None else zero,
-            logp.gather(1, index).sum(),
-            (p * logp).sum(),
-        ]),
-        p.topk(2, 1).values.sum(0),
-    ]).tolist()
-    norm_sq_v, weight_sq, z_sq, bias_sq, log_lik, neg_entropy, top1, top2 = sums
+    try:
+        s = p.scatter(1, t.unsqueeze(1), -1.0, reduce="add")
+    except RuntimeError:  # CPU only: a label outside [0, C)
+        return None
+    if path == "auto":
+        path = "gram" if gram_is_cheaper(n, c, z.shape[1]) else "direct"
+    if path == "direct":
+        g = (s.T @ z).reshape(-1)
+        norm_sq = torch.dot(g, g)
+    else:
+        norm_sq, path = weight_grad_norm_sq(s, z, path)
+    w = detached(weight).reshape(-1)
+    w = w if w.dtype == a.dtype else w.to(a.dtype)
+    zf, pf, lf = z.reshape(-1), p.reshape(-1), logp.reshape(-1)
+    class_mass, s_sum = p.sum(0), s.sum(0)
+    top1, top2 = p.topk(2, 1).values.sum(0).unbind()
+    scalars = torch.stack([
+        norm_sq, torch.dot(w, w), torch.dot(zf, zf), torch.dot(s_sum, s_sum), torch.dot(pf, lf),
+        torch.dot(s.reshape(-1), lf), top1, top2,
+    ])
+    values = torch.cat([scalars, class_mass, s_sum]).tolist()
+    norm_sq_v, weight_sq, z_sq, bias_sq, neg_entropy, s_logp, top1, top2 = values[:8]
+    log_lik = neg_entropy - s_logp
     if not math.isfinite(norm_sq_v + log_lik + neg_entropy) and not bool(torch.isfinite(a).all()):
         raise ValfreeError(NON_FINITE_LOGITS)
-    grad_norm, weight_norm, feature_rms = math.sqrt(norm_sq_v) / n, math.sqrt(weight_sq), math.sqrt(z_sq / n)
-    warnings = [single_class_warning(int(t[0]))] if single_class else []
+    present = [k for k, (m, d) in enumerate(zip(values[8: 8 + c], values[8 + c:])) if m - d > 0.5]
+    grad_norm, weight_norm, feature_rms = math.sqrt(max(norm_sq_v, 0.0)) / n, math.sqrt(weight_sq), math.sqrt(z_sq / n)
     return HeadGradient.from_norms(
         grad_norm,
         weight_norm,
         feature_rms,
-        bias_grad_norm=math.sqrt(bias_sq) / n,
+        bias_grad_norm=math.sqrt(bias_sq) / n if bias is not None else 0.0,
         loss=-log_lik / n,
         batch_size=n,
-        path=used_path,
-        warnings=warnings,
+        path=path,
+        warnings=[single_class_warning(present[0])] if len(present) == 1 else [],
         entropy=-neg_entropy / n,
         confidence=top1 / n,
         margin=(top1 - top2) / n,
