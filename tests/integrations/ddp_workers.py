@@ -7,7 +7,7 @@ compute the single-process reference itself.
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 import traceback
 
 import torch
@@ -18,22 +18,21 @@ WORLD = 2
 TINY_MLP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_models.py") + ":tiny_mlp"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn, *args, world: int = WORLD) -> None:
-    """Start ``world`` gloo ranks on 127.0.0.1 running ``fn(rank, world, *args)``."""
+    """Start ``world`` gloo ranks running ``fn(rank, world, *args)``.
+
+    The ranks meet through a file, not a TCP port: a port found free here could be taken by another
+    process before the ranks bind it, which made these tests fail now and then."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn", join=True)
+    with tempfile.TemporaryDirectory() as folder:
+        init_method = "file://" + os.path.join(folder, "rendezvous")
+        mp.start_processes(_entry, args=(world, init_method, fn, args), nprocs=world, start_method="spawn", join=True)
 
 
-def _entry(rank: int, world: int, port: int, fn, args) -> None:
+def _entry(rank: int, world: int, init_method: str, fn, args) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     except BaseException:
