@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, capture_head, find_head
+from ..probes.batches import label_of
 from .distributed import shard_batch
 from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
 from .tracking import ScoreTracker
@@ -41,13 +42,11 @@ __all__ = ["LabelFreeCheckpoint", "LabelFreeEarlyStopping", "default_targets"]
 
 
 def default_targets(batch) -> Any:
-    """The labels of a training batch: the second item of a tuple, or ``labels``/``label``/``y`` of a dict."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if isinstance(batch, dict):
-        for key in ("labels", "label", "y", "target", "targets"):
-            if key in batch:
-                return batch[key]
+    """The labels of a training batch: the second item of a tuple, or a dict's ``y``, ``label``, ``labels``,
+    ``target`` or ``targets`` (see :mod:`valfree.probes.batches`)."""
+    targets = label_of(batch)
+    if targets is not None:
+        return targets
     raise ValfreeError(
         "cannot find the targets in the training batch; pass targets_from_batch=lambda batch: ... to the callback."
     )

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, capture_head, find_head
+from ..probes.batches import move_to
 from .distributed import (
     agree_any,
     distributed_head_gradient,
@@ -39,19 +40,6 @@ from .distributed import (
     unwrap,
 )
 from .tracking import Best, ScoreTracker
-
-
-def move_to(batch, device: torch.device, dtype: torch.dtype | None = None):
-    """``batch`` (tensor, tuple, list or dict) on ``device``; floating tensors cast to ``dtype``."""
-    if isinstance(batch, torch.Tensor):
-        if dtype is not None and batch.is_floating_point():
-            return batch.to(device=device, dtype=dtype)
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device, dtype) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device, dtype) for v in batch)
-    return batch
 
 
 def split_probe_batch(batch) -> tuple[object, object]:

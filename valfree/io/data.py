@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import ValfreeError
+from ..probes.batches import input_of, label_of
 from .factory import resolve_callable
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -158,15 +159,8 @@ def load_dataset(spec: str, split: str = "train") -> Dataset:
 
 def split_sample(item):
     """(input, label) from a dataset item; label -1 where the dataset has none."""
-    if isinstance(item, (tuple, list)):
-        x = item[0]
-        y = item[1] if len(item) > 1 else -1
-    elif isinstance(item, dict):
-        x = item.get("x", item.get("input", item.get("image")))
-        y = item.get("y", item.get("label", item.get("labels", -1)))
-    else:
-        x, y = item, -1
-    return x, y
+    label = label_of(item)
+    return input_of(item), -1 if label is None else label
 
 
 def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

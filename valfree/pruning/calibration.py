@@ -19,9 +19,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ..errors import ValfreeError
-
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
-LABEL_KEYS = ("y", "label", "labels", "target", "targets")
+from ..probes.batches import input_of, label_of, move_to
 
 
 @dataclass
@@ -98,7 +96,7 @@ def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.
         idx = _subset(len(data), max_samples, seed)
         items = [data[int(i)] for i in idx]
         x = torch.stack([torch.as_tensor(input_of(item)) for item in items])
-        y = torch.stack([torch.as_tensor(label_of(item, what)) for item in items]) if labels else None
+        y = torch.stack([torch.as_tensor(_labels(item, what)) for item in items]) if labels else None
         return x, y
     if hasattr(data, "__iter__"):
         xs, ys, n = [], [], 0
@@ -106,7 +104,7 @@ def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.
             xb = torch.as_tensor(input_of(batch))
             xs.append(xb)
             if labels:
-                ys.append(torch.as_tensor(label_of(batch, what)))
+                ys.append(torch.as_tensor(_labels(batch, what)))
             n += len(xb)
             if max_samples is not None and n >= max_samples:
                 break
@@ -126,27 +124,11 @@ def _is_inputs_labels_pair(data) -> bool:
     return len(data) == 1 or isinstance(data[1], torch.Tensor)  # labels are not even measured unless needed
 
 
-def input_of(item):
-    """The input of a dataset item or batch, touching nothing else in it."""
-    if isinstance(item, (tuple, list)):
-        return item[0]
-    if isinstance(item, dict):
-        for key in INPUT_KEYS:
-            if key in item:
-                return item[key]
-        raise ValfreeError(f"a data item is a dict with keys {sorted(item)}, none of which is an input "
-                           f"({', '.join(INPUT_KEYS)}).")
-    return item
-
-
-def label_of(item, what: str = "data"):
-    if isinstance(item, (tuple, list)) and len(item) >= 2:
-        return item[1]
-    if isinstance(item, dict):
-        for key in LABEL_KEYS:
-            if key in item:
-                return item[key]
-    raise ValfreeError(_no_labels(what))
+def _labels(item, what: str):
+    label = label_of(item)
+    if label is None:
+        raise ValfreeError(_no_labels(what))
+    return label
 
 
 def _no_labels(what: str) -> str:
@@ -193,7 +175,7 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
             if inputs_only or len(tensors) == 1:
                 yield _float_inputs(tensors[0][idx], device)
             else:
-                yield _to(tuple(t[idx] for t in tensors), device)
+                yield move_to(tuple(t[idx] for t in tensors), device)
         return
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         n = len(data)
@@ -202,14 +184,14 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
             if inputs_only:
                 yield _float_inputs(torch.stack([torch.as_tensor(input_of(item)) for item in items]), device)
             else:
-                yield _to(default_collate(items), device)
+                yield move_to(default_collate(items), device)
         return
     produced = 0
     while produced < steps:  # an iterable of batches, cycled in its own order
         empty = True
         for batch in data:
             empty = False
-            yield _float_inputs(torch.as_tensor(input_of(batch)), device) if inputs_only else _to(batch, device)
+            yield _float_inputs(torch.as_tensor(input_of(batch)), device) if inputs_only else move_to(batch, device)
             produced += 1
             if produced >= steps:
                 return
@@ -219,13 +201,3 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
 
 def _float_inputs(x: torch.Tensor, device) -> torch.Tensor:
     return (x if torch.is_floating_point(x) else x.float()).to(device)
-
-
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch
