@@ -66,3 +66,14 @@ def make_canvases(split: str, size: int, seed: int) -> Canvases:
         labels.append(np.asarray(img_labels, np.int64))
     x = (torch.from_numpy(images) - 0.08) / 0.21  # approximate canvas pixel mean and std
     return Canvases(x.unsqueeze(1), torch.from_numpy(masks), boxes, labels)
+
+
+def train_and_test_canvases(settings: dict) -> tuple[Canvases, Canvases]:
+    """The training and test canvases of a task's settings, from neighbouring seeds."""
+    return (make_canvases("train", settings["train_canvases"], seed=settings["seed"]),
+            make_canvases("test", settings["test_canvases"], seed=settings["seed"] + 1))
+
+
+def probe_indices(n: int, size: int, seed: int) -> torch.Tensor:
+    """A seeded draw of ``size`` of ``n`` training canvases: the fixed probe batch."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]

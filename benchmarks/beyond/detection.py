@@ -15,7 +15,7 @@ from valfree.probes.losses import centernet_focal_loss
 from valfree.probes.multi_head import head_gradients
 
 from .box_ap import mean_average_precision
-from .canvas import CANVAS, NUM_CLASSES, make_canvases
+from .canvas import CANVAS, NUM_CLASSES, probe_indices, train_and_test_canvases
 from .common import CACHE, PROBE_COLUMNS, Timer, set_threads, summarise, train_with_checkpoints, write_result
 from .report import plot_from_json
 from .models import CenterNet
@@ -81,16 +81,14 @@ def run(log=print) -> dict:
     set_threads()
     s = SETTINGS
     timer = Timer()
-    train = make_canvases("train", s["train_canvases"], seed=s["seed"])
-    test = make_canvases("test", s["test_canvases"], seed=s["seed"] + 1)
+    train, test = train_and_test_canvases(s)
     targets = torch.stack([centernet_targets(b, l) for b, l in zip(train.boxes, train.labels)])
     torch.manual_seed(s["seed"])
     model = CenterNet()
     paths = train_with_checkpoints(model, training_loss, (train.images, targets), s["steps"], s["batch_size"],
                                    s["lr"], s["checkpoints"], CACHE / "detection", s["seed"], log)
     timer.mark("train_s")
-    g = torch.Generator().manual_seed(s["seed"])
-    idx = torch.randperm(len(train.images), generator=g)[: s["probe_batch"]]
+    idx = probe_indices(len(train.images), s["probe_batch"], s["seed"])
     px, pt = train.images[idx], targets[idx]
     probe_targets = {"heatmap": pt[:, :NUM_CLASSES], "box": pt[:, NUM_CLASSES:]}
     rows = []

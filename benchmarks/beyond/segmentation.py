@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from valfree import head_gradient
 
-from .canvas import NUM_CLASSES, make_canvases
+from .canvas import NUM_CLASSES, probe_indices, train_and_test_canvases
 from .common import CACHE, PROBE_COLUMNS, Timer, set_threads, summarise, train_with_checkpoints, write_result
 from .report import plot_from_json
 from .models import SegmentationFCN
@@ -39,16 +39,14 @@ def run(log=print) -> dict:
     set_threads()
     s = SETTINGS
     timer = Timer()
-    train = make_canvases("train", s["train_canvases"], seed=s["seed"])
-    test = make_canvases("test", s["test_canvases"], seed=s["seed"] + 1)
+    train, test = train_and_test_canvases(s)
     torch.manual_seed(s["seed"])
     model = SegmentationFCN()
     paths = train_with_checkpoints(
         model, lambda m, x, y: F.cross_entropy(m(x), y), (train.images, train.masks), s["steps"], s["batch_size"],
         s["lr"], s["checkpoints"], CACHE / "segmentation", s["seed"], log)
     timer.mark("train_s")
-    g = torch.Generator().manual_seed(s["seed"])
-    idx = torch.randperm(len(train.images), generator=g)[: s["probe_batch"]]
+    idx = probe_indices(len(train.images), s["probe_batch"], s["seed"])
     px, pm = train.images[idx], train.masks[idx]
     rows = []
     for step, path in paths:
