@@ -16,6 +16,7 @@ import numpy as np
 from . import plots
 from .config import DOCS, RESULTS, cache_for, full_grid, quick_grid
 from .external import cost_section, stability_points
+from .probe_size import section_probe_size
 from .results import build_results, collect, write_results
 
 MAIN_SELECTORS = ["hg_raw", "hg_score_w", "hg_score_z", "hg_raw_family", "hg_score_w_family", "hg_score_z_family",
@@ -336,6 +337,7 @@ def render(r: dict, sweep: dict | None, img: Path, title: str) -> str:
         "## By regime", section_by_regime(r),
         "## Where label-free selection fails, and remedies", section_failures(r),
         "## TPV: train vs test, the U-shape, and TPV along a noisy run", section_tpv(r, sweep, img),
+        *(["## Probe batch size", probe_size] if (probe_size := section_probe_size(r)) else []),
         "## Cost", cost_section(r, RESULTS),
     ]
     return "\n\n".join(p for p in parts if p) + "\n"

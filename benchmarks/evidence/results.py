@@ -19,6 +19,7 @@ from valfree.selection import ema
 
 from .config import CACHE, RunSpec
 from .metrics import correlation_summary, evaluate_runs, summarise
+from .probe_size import probe_size_summary
 from .selectors import Run, all_selectors
 from .signals import load_signals, merged_rows
 from .trajectories import load_trajectory
@@ -104,6 +105,7 @@ def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Pat
         "summary": summary,
         "correlations": correlation_summary(per_run),
         "tpv_trajectory": tpv_on_trajectories(runs),
+        "probe_size": probe_size_summary(runs, specs[0].probe_size),
     }
 
 

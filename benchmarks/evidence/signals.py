@@ -2,7 +2,8 @@
 
 Kept apart from training so that a signal can be added or recomputed (e.g. once an API lands)
 without retraining. ``signals.json`` is keyed by the run's key and :data:`SIGNALS_VERSION`; each
-group of signals (probe, held-out pseudo-label probe, TPV, WeightWatcher) is cached on its own, so a
+group of signals (probe, held-out pseudo-label probe, TPV, WeightWatcher, the probe on smaller
+batches) is cached on its own, so a
 group that failed (for example a missing optional package) is retried on the next pass while the
 others are reused.
 
@@ -24,6 +25,7 @@ from valfree.io.checkpoints import load_into
 
 from .config import CACHE, RunSpec
 from .data import run_data
+from .probe_size import probe_size_signals
 from .trajectories import load_trajectory, read_record, run_dir, write_json_atomic
 
 SIGNALS_VERSION = 1
@@ -69,6 +71,7 @@ GROUPS = {
     "pseudo": lambda model, d: pseudo_signals(model, d.x_unlabeled),
     "tpv": lambda model, d: tpv_signals(model, d.x_probe[:TPV_INPUTS]),
     "ww": lambda model, d: weightwatcher_signals(model),
+    "probe_size": lambda model, d: probe_size_signals(model, d.x_probe, d.y_probe),
 }
 
 
@@ -96,7 +99,7 @@ def compute_signals(spec: RunSpec, cache: Path = CACHE, groups=None, log=print) 
             load_into(model, out / ck["path"])
             t0, c0 = time.perf_counter(), time.process_time()
             try:
-                with torch.no_grad() if group in ("probe", "pseudo") else _null():
+                with torch.no_grad() if group in ("probe", "pseudo", "probe_size") else _null():
                     rows.append(fn(model, data))
             except Exception as exc:  # record and move on: the other groups are still useful
                 status, error = "failed", f"{type(exc).__name__}: {exc}"

@@ -44,10 +44,18 @@ def test_pipeline_produces_finite_headline_numbers(tiny, tmp_path):
         assert math.isfinite(overall[name]["gap_mean"]), name
     assert all(v["chosen"]["oracle"]["gap"] == 0 for v in results["per_run"].values())
     assert math.isfinite(results["correlations"]["hg_grad_norm|all|all"]["spearman_mean"])
+    # The probe-batch-size study: every subset size below the probe batch, and the whole batch, whose
+    # mean correlation must be the correlation table's.
+    sizes = results["probe_size"]["sizes"]
+    assert sizes == [16, 32, specs[0].probe_size]
+    whole = results["probe_size"]["cells"][f"all|{specs[0].probe_size}"]
+    assert whole["pearson_mean"] == pytest.approx(results["correlations"]["hg_grad_norm|all|all"]["pearson_mean"])
+    assert all(math.isfinite(results["probe_size"]["cells"][f"all|{n}"]["gap_mean"]) for n in sizes)
     # The JSON round-trips and renders to markdown with plots.
     results = json.loads(json.dumps(results))
     text = report.render(results, None, tmp_path / "img", "tiny")
     assert "## Gap to the oracle" in text and "n/a" in text or "±" in text
+    assert "## Probe batch size" in text and "| 16 |" in text
     assert (tmp_path / "img" / "evidence_gaps.png").exists()
 
 
