@@ -271,3 +271,19 @@ def test_single_class_batch_is_flagged():
     head = nn.Linear(3, 4)
     got = head_gradient_from_features(z, head(z).detach(), torch.full((6,), 2), head.weight, head.bias)
     assert got.warnings and "single class (2)" in got.warnings[0]
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ([2] * 6, 2),           # one class
+    ([2] * 5 + [0], None),  # one sample of another class is enough to drop the warning
+])
+def test_one_class_warning_on_the_fast_path_is_exact(labels, expected):
+    """The shortcut reads the class counts from column sums; it must neither miss a one-class batch nor
+    flag a batch with a single odd label, in float32 as in float64."""
+    for dtype in (torch.float32, torch.float64):
+        z = torch.randn(len(labels), 3, dtype=dtype)
+        head = nn.Linear(3, 4).to(dtype)
+        got = head_gradient_from_features(z, head(z).detach(), torch.tensor(labels), head.weight, head.bias)
+        assert bool(got.warnings) == (expected is not None)
+        if expected is not None:
+            assert f"single class ({expected})" in got.warnings[0]

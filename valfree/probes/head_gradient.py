@@ -359,7 +359,8 @@ def _hard_label_ce_probe(
     where the first call of each kernel costs tens of microseconds and a repeated call almost nothing,
     so every sum is a ``dot``. With S = N R = softmax(A) - Y (one scatter), grad_W = S^T Z / N,
     grad_b = 1^T S / N, sum_n log p_n[t_n] = <P, log P> - <S, log P>, and the class counts are
-    1^T P - 1^T S; the normalisation by N is done in Python.
+    1^T P - 1^T S (a one-class batch is confirmed on the labels themselves); the normalisation by N
+    is done in Python.
     """
     n, c = a.shape
     if a.device.type != "cpu":  # the CPU scatter checks its indices itself, and raises
@@ -393,7 +394,12 @@ def _hard_label_ce_probe(
     log_lik = neg_entropy - s_logp
     if not math.isfinite(norm_sq_v + log_lik + neg_entropy) and not bool(torch.isfinite(a).all()):
         raise ValfreeError(NON_FINITE_LOGITS)
-    present = [k for k, (m, d) in enumerate(zip(values[8: 8 + c], values[8 + c:])) if m - d > 0.5]
+    counts = [m - d for m, d in zip(values[8: 8 + c], values[8 + c:])]
+    warnings = []
+    if max(counts) > n - 0.5 - 1e-5 * n:  # (nearly) every label in one class; rounding grows with N, so confirm
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()
+        if lo == hi:
+            warnings.append(single_class_warning(lo))
     grad_norm, weight_norm, feature_rms = math.sqrt(max(norm_sq_v, 0.0)) / n, math.sqrt(weight_sq), math.sqrt(z_sq / n)
     return HeadGradient.from_norms(
         grad_norm,
@@ -403,7 +409,7 @@ def _hard_label_ce_probe(
         loss=-log_lik / n,
         batch_size=n,
         path=path,
-        warnings=[single_class_warning(present[0])] if len(present) == 1 else [],
+        warnings=warnings,
         entropy=-neg_entropy / n,
         confidence=top1 / n,
         margin=(top1 - top2) / n,
