@@ -13,8 +13,8 @@ Everything is measured in the same run, so only ratios are reported:
 
 Targets: piggyback under 1 % of a step; fixed batch every 100 steps under 0.1 % of an epoch.
 
-    python benchmarks/integration_overhead.py            # writes the JSON and the docs table
-    python benchmarks/integration_overhead.py --quick    # fewer repetitions, prints only
+    python benchmarks/integration_overhead.py            # 3 rounds; writes the JSON and the docs table
+    python benchmarks/integration_overhead.py --quick    # one short round, prints only
 
 Times are taken with both the wall clock and the process's CPU clock. On a machine shared with other
 jobs the CPU clock counts this process's work and not its waits for a core, so its ratios are the
@@ -81,23 +81,8 @@ def medians(pairs: list[tuple[float, float]]) -> tuple[float, float]:
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200, help="timed pairs of training steps")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: with more, OpenMP spin-waiting on a shared "
-                             "machine inflates both clocks)")
-    parser.add_argument("--quick", action="store_true", help="40 pairs, print only")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    steps = 40 if args.quick else args.steps
-    torch.manual_seed(0)
-    data_name, dataset, size = load_data()
-    x_all, y_all = dataset.tensors
-    steps_per_epoch = -(-len(x_all) // BATCH)
-    model = cnn(in_size=size)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    batches = [(x_all[i: i + BATCH], y_all[i: i + BATCH]) for i in range(0, BATCH * 16, BATCH)]
+def measure_round(model, opt, batches, dataset, steps: int, fixed_repeats: int, steps_per_epoch: int) -> dict:
+    """One round: paired plain/probed training steps, then fixed-batch probes of every size."""
 
     def forward_backward(i: int):
         x, y = batches[i % len(batches)]
@@ -140,7 +125,7 @@ def main(argv=None) -> dict:
         fixed = valfree.Monitor(model, probe_batch=probe_batch(dataset, size_, seed=0), every=EVERY)
         fixed.probe()
         runs = []
-        for _ in range(5 if args.quick else 30):
+        for _ in range(fixed_repeats):
             start = now()
             fixed.probe()
             runs.append(since(start))
@@ -153,20 +138,10 @@ def main(argv=None) -> dict:
             "percent_of_epoch_wall": 100 * probes_per_epoch * wall / (steps_per_epoch * step_wall),
             "every_for_0.1_percent": math.ceil(cpu / (0.001 * step_cpu)),  # from the CPU-time ratio
         }
-
-    result = {
-        "benchmark": "integration_overhead",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/integration_overhead.py --threads {args.threads}",
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-                     "load_average_1min": round(os.getloadavg()[0], 2)},
-        "setup": {"model": "valfree.models.cnn()", "data": data_name, "batch": BATCH, "train_images": len(x_all),
-                  "steps_per_epoch": steps_per_epoch, "probe_batches": list(PROBE_BATCHES), "fixed_every": EVERY,
-                  "timed_step_pairs": len(plain)},
+    return {
         "step_ms_cpu": 1e3 * step_cpu,
         "step_ms_wall": 1e3 * step_wall,
-        "epoch_s_cpu": steps_per_epoch * step_cpu,
+        "timed_step_pairs": len(plain),
         "piggyback": {
             "probe_ms_cpu": 1e3 * probe_cpu,
             "probe_ms_wall": 1e3 * probe_wall,
@@ -176,10 +151,74 @@ def main(argv=None) -> dict:
             "paired_difference_ci95_cpu": [100 * v / step_cpu for v in bootstrap_median_ci(diff_cpu)],
             "paired_difference_percent_wall": 100 * statistics.median(diff_wall) / step_wall,
             "paired_difference_ci95_wall": [100 * v / step_wall for v in bootstrap_median_ci(diff_wall)],
-            "target_percent_of_step": 1.0,
         },
-        "fixed_batch": {"by_probe_batch": fixed_results, "target_percent_of_epoch": 0.1},
+        "fixed_batch": fixed_results,
     }
+
+
+def combine_rounds(rounds: list[dict]) -> dict:
+    """The median over rounds of every number, with the [min, max] of the headline shares beside it.
+    A virtual machine's speed drifts over minutes, and with it the step time the shares divide by."""
+
+    def med(get) -> float:
+        return statistics.median(get(r) for r in rounds)
+
+    def span(get) -> list[float]:
+        return [min(get(r) for r in rounds), max(get(r) for r in rounds)]
+
+    pig = {key: med(lambda r, k=key: r["piggyback"][k]) for key in rounds[0]["piggyback"] if not key.endswith("ci95_cpu") and not key.endswith("ci95_wall")}
+    for key in ("percent_of_step_cpu", "probe_ms_cpu", "paired_difference_percent_cpu", "paired_difference_percent_wall"):
+        pig[f"{key}_range"] = span(lambda r, k=key: r["piggyback"][k])
+    pig["target_percent_of_step"] = 1.0
+    fixed = {}
+    for size in rounds[0]["fixed_batch"]:
+        cell = {key: med(lambda r, k=key: r["fixed_batch"][size][k]) for key in rounds[0]["fixed_batch"][size]}
+        cell["every_for_0.1_percent"] = math.ceil(cell["every_for_0.1_percent"])
+        cell["percent_of_epoch_cpu_range"] = span(lambda r: r["fixed_batch"][size]["percent_of_epoch_cpu"])
+        fixed[size] = cell
+    return {
+        "step_ms_cpu": med(lambda r: r["step_ms_cpu"]),
+        "step_ms_wall": med(lambda r: r["step_ms_wall"]),
+        "step_ms_cpu_range": span(lambda r: r["step_ms_cpu"]),
+        "piggyback": pig,
+        "fixed_batch": {"by_probe_batch": fixed, "target_percent_of_epoch": 0.1},
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="timed pairs of training steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of the whole measurement (median and range reported)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: with more, OpenMP spin-waiting on a shared "
+                             "machine inflates both clocks)")
+    parser.add_argument("--quick", action="store_true", help="one round of 40 pairs, print only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps, rounds_n = (40, 1) if args.quick else (args.steps, args.rounds)
+    torch.manual_seed(0)
+    data_name, dataset, size = load_data()
+    x_all, y_all = dataset.tensors
+    steps_per_epoch = -(-len(x_all) // BATCH)
+    model = cnn(in_size=size)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = [(x_all[i: i + BATCH], y_all[i: i + BATCH]) for i in range(0, BATCH * 16, BATCH)]
+    rounds = [measure_round(model, opt, batches, dataset, steps, 5 if args.quick else 30, steps_per_epoch)
+              for _ in range(rounds_n)]
+    result = {
+        "benchmark": "integration_overhead",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/integration_overhead.py --threads {args.threads} --rounds {rounds_n}",
+        "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
+                     "load_average_1min": round(os.getloadavg()[0], 2)},
+        "setup": {"model": "valfree.models.cnn()", "data": data_name, "batch": BATCH, "train_images": len(x_all),
+                  "steps_per_epoch": steps_per_epoch, "probe_batches": list(PROBE_BATCHES), "fixed_every": EVERY,
+                  "timed_step_pairs": steps, "rounds": rounds_n},
+        **combine_rounds(rounds),
+        "rounds": rounds,
+    }
+    result["epoch_s_cpu"] = steps_per_epoch * result["step_ms_cpu"] / 1e3
     print(json.dumps(result, indent=2))
     if not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -191,37 +230,43 @@ def main(argv=None) -> dict:
 def write_docs(r: dict) -> None:
     """Replace the table between the markers in docs/integrations.md (the rest of the page is prose)."""
     hw, s, p, f = r["hardware"], r["setup"], r["piggyback"], r["fixed_batch"]
+    lo, hi = p["percent_of_step_cpu_range"]
     rows = [
         f"| piggyback, every step | {p['probe_ms_cpu']:.2f} ms | {p['percent_of_step_cpu']:.2f} % of a step "
-        f"(= of an epoch) | {p['percent_of_step_wall']:.2f} % | < 1 % of a step | |",
+        f"(= of an epoch; rounds {lo:.2f} to {hi:.2f} %) | {p['percent_of_step_wall']:.2f} % | < 1 % of a step | |",
     ]
     for size, v in f["by_probe_batch"].items():
+        lo, hi = v["percent_of_epoch_cpu_range"]
         rows.append(
             f"| fixed batch of {size} images, every {s['fixed_every']} steps | {v['probe_ms_cpu']:.1f} ms | "
-            f"{v['percent_of_epoch_cpu']:.3f} % of an epoch | {v['percent_of_epoch_wall']:.3f} % | < 0.1 % of an epoch | "
-            f"{v['every_for_0.1_percent']} |"
+            f"{v['percent_of_epoch_cpu']:.3f} % of an epoch (rounds {lo:.3f} to {hi:.3f} %) | "
+            f"{v['percent_of_epoch_wall']:.3f} % | < 0.1 % of an epoch | {v['every_for_0.1_percent']} |"
         )
+    step_lo, step_hi = r["step_ms_cpu_range"]
+    diff_lo, diff_hi = p["paired_difference_percent_cpu_range"]
+    wdiff_lo, wdiff_hi = p["paired_difference_percent_wall_range"]
     table = "\n".join([
         BEGIN,
         f"Measured {r['date'][:10]} with `{r['command']}` on a {hw['cpu_count']}-core x86-64 CPU "
         f"(1-minute load average {hw['load_average_1min']} at the end), {hw['threads']} torch thread, torch {hw['torch']}, "
         f"no GPU. Model `{s['model']}` on {s['data']}, batch {s['batch']}, {s['train_images']} training images = "
-        f"{s['steps_per_epoch']} steps per epoch; {s['timed_step_pairs']} timed pairs of steps. A plain training "
-        f"step took {r['step_ms_cpu']:.0f} ms of CPU time ({r['step_ms_wall']:.0f} ms wall), an epoch "
-        f"{r['epoch_s_cpu']:.1f} s of CPU time. Shares are ratios of CPU time, which counts this process's work "
-        "and not its waits for a core, so other jobs inflate it less than the wall clock (they still evict its "
-        "caches). The wall-clock share is shown beside it.",
+        f"{s['steps_per_epoch']} steps per epoch; {s['rounds']} rounds of {s['timed_step_pairs']} timed pairs of "
+        f"steps, each followed by the fixed-batch probes. Every number is the median over rounds. A plain training "
+        f"step took {r['step_ms_cpu']:.0f} ms of CPU time (rounds {step_lo:.0f} to {step_hi:.0f} ms; "
+        f"{r['step_ms_wall']:.0f} ms wall), an epoch {r['epoch_s_cpu']:.1f} s of CPU time. Shares are ratios of CPU "
+        "time, which counts this process's work and not its waits for a core, so other jobs inflate it less than "
+        "the wall clock (they still evict its caches). The wall-clock share is shown beside it. The speed of this "
+        "virtual machine drifts over minutes, and a share moves with the step time it divides by.",
         "",
         "| mode | CPU time per probe | share (CPU time) | share (wall clock) | target | `every` for < 0.1 % |",
         "|---|---|---|---|---|---|",
         *rows,
         "",
         f"End to end, the median difference between paired steps with and without the piggyback probe "
-        f"was {p['paired_difference_percent_cpu']:+.2f} % of a step in CPU time (95 % bootstrap interval "
-        f"{p['paired_difference_ci95_cpu'][0]:+.2f} % to {p['paired_difference_ci95_cpu'][1]:+.2f} %) and "
-        f"{p['paired_difference_percent_wall']:+.2f} % in wall time ({p['paired_difference_ci95_wall'][0]:+.2f} % to "
-        f"{p['paired_difference_ci95_wall'][1]:+.2f} %). Step-to-step noise is of the order of the cost being "
-        "measured, which is why the table times the probe itself.",
+        f"was {p['paired_difference_percent_cpu']:+.2f} % of a step in CPU time (rounds {diff_lo:+.2f} to "
+        f"{diff_hi:+.2f} %; each round's 95 % bootstrap interval is in the JSON) and "
+        f"{p['paired_difference_percent_wall']:+.2f} % in wall time ({wdiff_lo:+.2f} to {wdiff_hi:+.2f} %). "
+        "Step-to-step noise is of the order of the cost being measured, which is why the table times the probe itself.",
         END,
     ])
     text = DOCS.read_text() if DOCS.exists() else f"# Training integrations\n\n{BEGIN}\n{END}\n"

@@ -159,7 +159,7 @@ def _integration(io: dict) -> str | None:
         for b, d in by.items():
             pct = _first(d, "percent_of_epoch_cpu", "percent_of_epoch")
             if pct is not None:
-                parts.append(f"fixed batch of {b}: {pct:.2f} % of an epoch (one probe every {io.get('setup', {}).get('fixed_every', '?')} steps)")
+                parts.append(f"fixed batch of {b}: {pct:.3f} % of an epoch (one probe every {io.get('setup', {}).get('fixed_every', '?')} steps)")
     else:
         pct = _first(fixed, "percent_of_epoch_cpu", "percent_of_epoch")
         if pct is not None:
