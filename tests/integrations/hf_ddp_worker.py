@@ -55,6 +55,13 @@ def main(out: Path, mode: str) -> None:
         "classifier": model.classifier.weight.detach().flatten().tolist(),
         "forwards": seen,
     }))
+    # The Trainer leaves its gloo process group open; torn down by interpreter exit instead, a rank
+    # now and then aborted ("terminate called without an active exception") after all its work.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
