@@ -22,7 +22,8 @@ bench-tpv: setup
 
 bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
 
-# Evidence benchmark (docs/benchmarks.md): 36 trajectories, about an hour on 2 idle cores; cached and resumable, so a
+# Evidence benchmark (docs/benchmarks.md): 36 trajectories, about an hour and a half on 2 idle cores (the last 25 min
+# evaluate every checkpoint on the rest of the test split); cached and resumable, so a
 # rerun only redoes what is missing. bench-quick: one seed of two families, about a minute on 2 idle cores
 # (docs/benchmarks_quick.md).
 bench-evidence: setup

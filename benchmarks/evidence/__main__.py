@@ -1,6 +1,7 @@
 """``python -m benchmarks.evidence COMMAND``.
 
-- ``train [--grid full|quick] [--workers N]``: train the grid's runs and compute their signals (cached).
+- ``train [--grid full|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
+  checkpoint on the whole test split (all cached).
 - ``report [--grid full|quick]``: selectors, metrics, JSON results and the markdown report, from the cache.
 - ``run`` = ``train`` then ``report`` for the full grid; ``quick`` = the same for the quick grid.
 - ``sweep``: TPV train vs test on a teacher-student task, and the regularisation sweep (the U-shape).

@@ -80,7 +80,10 @@ def section_setup(r: dict) -> str:
         f"- Families: {fams}. Parameters: {', '.join(f'{k} {v:,}' for k, v in params.items())}.",
         f"- Regimes: {regs}.",
         f"- Seeds {s['seeds']}; {s['checkpoints']} checkpoints per run, evenly spaced; batch {s['batch_size']}.",
-        f"- Test metric: top-1 on the first {s['test_images']} Fashion-MNIST test images (evaluation only).",
+        f"- Test metric: top-1 on {' / '.join(str(n) for n in s['test_images'])} Fashion-MNIST test images (evaluation only)"
+        + (f"; training recorded the first {' / '.join(str(n) for n in s['test_images_recorded'])}, and "
+           "`benchmarks/evidence/full_test.py` adds the rest of the split from the cached checkpoints, so that the oracle "
+           "is not picked on a small sample's noise." if s.get("test_images_recorded", s["test_images"]) != s["test_images"] else "."),
         f"- Probe batch: {s['probe_size']} fixed training images (with the labels trained on, so noisy in the noisy regime); "
         f"pseudo-label probe: {s['probe_size']} held-out unlabeled images; validation sets: the first {s['val_sizes']} images of a "
         "10 000-image held-out slice of the training split, never trained on, with clean labels.",

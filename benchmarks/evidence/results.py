@@ -18,6 +18,7 @@ import torch
 from valfree.selection import ema
 
 from .config import CACHE, RunSpec
+from .full_test import load_full_test, with_full_test
 from .metrics import correlation_summary, evaluate_runs, summarise
 from .probe_size import probe_size_summary
 from .selectors import Run, all_selectors
@@ -37,11 +38,14 @@ def collect(specs: list[RunSpec], cache: Path = CACHE) -> tuple[list[Run], list[
             missing.append(spec.name)
             continue
         sig = load_signals(spec, cache)
-        runs.append(Run(spec.name, spec.family.name, spec.regime.name, spec.seed, merged_rows(traj, sig)))
+        full = load_full_test(spec, cache)
+        rows = with_full_test(merged_rows(traj, sig), full)
+        runs.append(Run(spec.name, spec.family.name, spec.regime.name, spec.seed, rows))
         groups = (sig or {}).get("groups", {})
         meta.append({
             "name": spec.name, "params": traj["params"], "train_images": traj["train_images"],
-            "test_images": traj["test_images"], "total_steps": traj["total_steps"],
+            "test_images": full["test_images"] if full else traj["test_images"],
+            "test_images_recorded": traj["test_images"], "total_steps": traj["total_steps"],
             "train_seconds": traj["train_seconds"], "eval_seconds": traj["eval_seconds"],
             "signal_seconds_per_checkpoint": {g: v["seconds_per_checkpoint"] for g, v in groups.items()},
             "signal_cpu_seconds_per_checkpoint": {g: v.get("cpu_seconds_per_checkpoint", float("nan")) for g, v in groups.items()},
@@ -95,6 +99,7 @@ def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Pat
             "regimes": {s.regime.name: s.regime.__dict__ for s in specs},
             "seeds": sorted({s.seed for s in specs}), "checkpoints": sorted({s.checkpoints for s in specs}),
             "test_images": sorted({m["test_images"] for m in meta}), "val_sizes": list(specs[0].val_sizes),
+            "test_images_recorded": sorted({m["test_images_recorded"] for m in meta}),
             "probe_size": specs[0].probe_size, "batch_size": specs[0].batch_size,
         },
         "runs_expected": len(specs), "runs_finished": len(runs), "runs_missing": missing,

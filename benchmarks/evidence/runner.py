@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import CACHE, RunSpec
+from .full_test import compute_full_test, load_full_test
 from .signals import GROUPS, compute_signals, load_signals
 from .trajectories import RunLocked, load_trajectory, run_lock, train_run
 
@@ -31,7 +32,8 @@ def _one(args) -> tuple[str, str]:
 
 def _scored(spec: RunSpec, cache: Path) -> bool:
     record = load_signals(spec, cache)
-    return record is not None and all(record["groups"].get(g, {}).get("status") == "ok" for g in GROUPS)
+    signals_done = record is not None and all(record["groups"].get(g, {}).get("status") == "ok" for g in GROUPS)
+    return signals_done and load_full_test(spec, cache) is not None
 
 
 def _train_and_score(spec: RunSpec, cache: Path) -> tuple[str, str]:
@@ -43,6 +45,7 @@ def _train_and_score(spec: RunSpec, cache: Path) -> tuple[str, str]:
         with run_lock(spec, cache):
             train_run(spec, cache, locked=True)
             compute_signals(spec, cache)
+            compute_full_test(spec, cache)
         return spec.name, f"ok ({time.perf_counter() - t0:.0f}s)"
     except RunLocked:
         return spec.name, "skipped: another runner holds it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -18,21 +19,26 @@ from benchmarks.evidence.runner import run_grid  # noqa: E402
 from benchmarks.evidence.selectors import Run, Selector, all_selectors  # noqa: E402
 
 
+@contextlib.contextmanager
+def without_weightwatcher():
+    """WeightWatcher is an optional extra and slow to import; its group is covered when installed."""
+    from benchmarks.evidence import signals
+
+    saved = signals.GROUPS
+    signals.GROUPS = {k: v for k, v in saved.items() if k != "ww"}
+    try:
+        yield
+    finally:
+        signals.GROUPS = saved
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     cache = tmp_path_factory.mktemp("evidence_cache")
     specs = tiny_grid()
-    # WeightWatcher is an optional extra and slow to import; its group is covered when installed.
-    from benchmarks.evidence import signals
-
-    groups = {k: v for k, v in signals.GROUPS.items() if k != "ww"}
-    saved = signals.GROUPS
-    signals.GROUPS = groups
-    try:
+    with without_weightwatcher():
         assert run_grid(specs, cache, workers=1, log=lambda *a, **k: None) == []
         results = build_results("tiny", specs, "pytest", cache)
-    finally:
-        signals.GROUPS = saved
     return specs, cache, results
 
 
@@ -114,3 +120,30 @@ def test_leave_one_seed_out_never_reads_the_evaluated_run(tiny):
     scrambled = Run(target.name, target.family, target.regime, target.seed, scrambled_rows)
     swapped = [scrambled if r is target else r for r in runs]
     assert sel.choose(scrambled, swapped) == before
+
+
+def test_full_test_pass_equals_evaluating_the_whole_split(tmp_path):
+    """Training records the first `test_size` test images; the full-test pass adds the rest from the
+    cached checkpoints. Its combined accuracy must equal one evaluation on the whole split."""
+    from dataclasses import replace
+
+    import torch
+
+    from benchmarks.evidence.data import _split
+    from benchmarks.evidence.full_test import load_full_test
+    from benchmarks.evidence.trajectories import evaluate, load_trajectory, run_dir
+    from valfree.io.checkpoints import load_into
+
+    spec = replace(tiny_grid()[0], test_size=100)
+    with without_weightwatcher():
+        assert run_grid([spec], tmp_path, workers=1, log=lambda *a, **k: None) == []
+    traj, full = load_trajectory(spec, tmp_path), load_full_test(spec, tmp_path)
+    x, y = _split(spec.data, "test")
+    assert traj["test_images"] == 100 and full["test_images"] == len(x) > 100
+    model = spec.family.build(x.shape[-1])
+    for ck, row in list(zip(traj["checkpoints"], full["rows"]))[::3]:
+        load_into(model, run_dir(spec, tmp_path) / ck["path"])
+        with torch.no_grad():
+            acc, loss = evaluate(model, x, y)
+        assert row["test_acc_full"] == pytest.approx(acc, abs=1e-12)
+        assert row["test_loss_full"] == pytest.approx(loss, rel=1e-6)
