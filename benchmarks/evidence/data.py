@@ -21,7 +21,8 @@ POOL_SEED = 12345
 
 
 @lru_cache(maxsize=4)
-def _split(data: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def split_tensors(data: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a whole split of ``data``, loaded once per process."""
     ds = load_dataset(data, split)
     x, y = ds.tensors
     return x.contiguous(), y.contiguous()
@@ -58,8 +59,8 @@ def symmetric_noise(labels: torch.Tensor, fraction: float, num_classes: int, rng
 
 
 def run_data(spec: RunSpec) -> RunData:
-    x_all, y_all = _split(spec.data, "train")
-    x_test, y_test = _split(spec.data, "test")
+    x_all, y_all = split_tensors(spec.data, "train")
+    x_test, y_test = split_tensors(spec.data, "test")
     if spec.test_size is not None:
         x_test, y_test = x_test[: spec.test_size], y_test[: spec.test_size]
     order = np.random.default_rng(POOL_SEED).permutation(len(x_all))

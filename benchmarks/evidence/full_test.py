@@ -16,7 +16,7 @@ import torch
 from valfree.io.checkpoints import load_into
 
 from .config import CACHE, RunSpec
-from .data import _split, run_data
+from .data import run_data, split_tensors
 from .trajectories import evaluate, load_trajectory, read_record, run_dir, write_json_atomic
 
 FULL_TEST_VERSION = 1
@@ -35,7 +35,7 @@ def compute_full_test(spec: RunSpec, cache: Path = CACHE) -> dict:
     traj = load_trajectory(spec, cache)
     if traj is None:
         raise RuntimeError(f"{spec.name}: no trajectory; train it first")
-    x_all, y_all = _split(spec.data, "test")
+    x_all, y_all = split_tensors(spec.data, "test")
     head = traj["test_images"]
     x_rest, y_rest = x_all[head:], y_all[head:]
     model = spec.family.build(run_data(spec).in_size)

@@ -20,7 +20,7 @@ from valfree.io.checkpoints import load_into
 from valfree.io.scoring import score_checkpoints
 
 from .config import FAMILIES, RESULTS, cache_for
-from .data import _split
+from .data import split_tensors
 from .results import machine
 from .trajectories import evaluate, write_json_atomic
 
@@ -60,9 +60,9 @@ def run_perf(quick: bool = False, log=print) -> dict:
     fam = FAMILIES[family]
     # A module:factory string the CLI path can import, with this family's benchmark sizes.
     factory = f"benchmarks.evidence.factories:{fam.name}"
-    x, y = _split("fashion-mnist", "test")
+    x, y = split_tensors("fashion-mnist", "test")
     model = fam.build(28)
-    _split("fashion-mnist", "train")  # warm the page cache of the IDX files, so neither loop pays first-read I/O
+    split_tensors("fashion-mnist", "train")  # warm the page cache of the IDX files, so neither loop pays first-read I/O
     # Every fifth checkpoint (6 of 30): enough for a rate; 10k-image passes over all 30 did not fit the
     # CPU budget of the shared machine.
     paths = sorted(folder.glob("step_*.pt"))[::5][: 3 if quick else 6]

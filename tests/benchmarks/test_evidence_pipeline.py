@@ -129,7 +129,7 @@ def test_full_test_pass_equals_evaluating_the_whole_split(tmp_path):
 
     import torch
 
-    from benchmarks.evidence.data import _split
+    from benchmarks.evidence.data import split_tensors
     from benchmarks.evidence.full_test import load_full_test
     from benchmarks.evidence.trajectories import evaluate, load_trajectory, run_dir
     from valfree.io.checkpoints import load_into
@@ -138,7 +138,7 @@ def test_full_test_pass_equals_evaluating_the_whole_split(tmp_path):
     with without_weightwatcher():
         assert run_grid([spec], tmp_path, workers=1, log=lambda *a, **k: None) == []
     traj, full = load_trajectory(spec, tmp_path), load_full_test(spec, tmp_path)
-    x, y = _split(spec.data, "test")
+    x, y = split_tensors(spec.data, "test")
     assert traj["test_images"] == 100 and full["test_images"] == len(x) > 100
     model = spec.family.build(x.shape[-1])
     for ck, row in list(zip(traj["checkpoints"], full["rows"]))[::3]:
