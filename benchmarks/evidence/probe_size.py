@@ -20,6 +20,8 @@ import torch
 import valfree
 from valfree.selection import correlations
 
+from .selectors import UNIVERSAL, gap, pick
+
 SUBSET_SIZES = (16, 32, 64, 128)
 DRAWS = 3
 
@@ -50,8 +52,6 @@ def probe_size_summary(runs, full_size: int) -> dict:
     """Per regime (and over all runs) and per probe-batch size: mean ± std over runs of the Pearson r
     with test accuracy and of the universal preset's gap to the oracle (test-accuracy points). For a
     subset size each run contributes the mean over its draws."""
-    from .selectors import UNIVERSAL, gap, pick
-
     def per_run(run, size) -> tuple[float, float] | None:
         keys = ["hg_grad_norm"] if size == full_size else [subset_key(size, d) for d in range(DRAWS)]
         if not all(np.isfinite(run.series(k)).all() for k in keys):

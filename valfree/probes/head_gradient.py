@@ -237,7 +237,8 @@ def weight_grad_norm_sq(r: torch.Tensor, z: torch.Tensor, path: str = "auto") ->
     if path == "gram":
         return ((r @ r.T) * (z @ z.T)).sum(), path
     if path == "direct":
-        return (r.T @ z).square().sum(), path
+        g = (r.T @ z).reshape(-1)
+        return torch.dot(g, g), path  # one kernel: this runs in piggyback mode, where each distinct one costs
     raise ValfreeError(f"unknown path {path!r}; use 'auto', 'gram' or 'direct'.")
 
 
@@ -373,13 +374,7 @@ def _hard_label_ce_probe(
         s = p.scatter(1, t.unsqueeze(1), -1.0, reduce="add")
     except RuntimeError:  # CPU only: a label outside [0, C)
         return None
-    if path == "auto":
-        path = "gram" if gram_is_cheaper(n, c, z.shape[1]) else "direct"
-    if path == "direct":
-        g = (s.T @ z).reshape(-1)
-        norm_sq = torch.dot(g, g)
-    else:
-        norm_sq, path = weight_grad_norm_sq(s, z, path)
+    norm_sq, path = weight_grad_norm_sq(s, z, path)
     w = detached(weight).reshape(-1)
     w = w if w.dtype == a.dtype else w.to(a.dtype)
     zf, pf, lf = z.reshape(-1), p.reshape(-1), logp.reshape(-1)
