@@ -13,36 +13,42 @@ from valfree.selection.rules import RULES, agreement_gain, memorised_fraction, s
 
 def test_late_minimum_is_found_and_confirmed():
     pc = [math.nan, 0.30, 0.20, 0.12, 0.08, 0.05, 0.04, 0.06, 0.09, 0.12, 0.14, 0.15, 0.15]
-    wave = label_wave_point(pc, ema=1, patience=3, start=2)
+    wave = label_wave_point(pc, window=1, patience=3, start=2)
     assert wave.index == 6 and wave.stopped_at == 9
 
 
 def test_early_oscillation_before_start_is_ignored():
     # a dip at index 1 (high learning rate, BatchNorm) followed by a rise, then the real minimum later
     pc = [math.nan, 0.05, 0.25, 0.20, 0.15, 0.10, 0.06, 0.04, 0.07, 0.10, 0.12]
-    assert label_wave_point(pc, ema=1, patience=2, start=0).index == 1
-    assert label_wave_point(pc, ema=1, patience=2, start=2).index == 7
+    assert label_wave_point(pc, window=1, patience=2, start=0).index == 1
+    assert label_wave_point(pc, window=1, patience=2, start=2).index == 7
 
 
 def test_no_minimum_means_the_series_ends_first():
     falling = [math.nan] + list(np.linspace(0.3, 0.01, 12))
-    wave = label_wave_point(falling, ema=3, patience=0.2, start=2)
+    wave = label_wave_point(falling, window=3, patience=0.2, start=2)
     assert wave.index == len(falling) - 1 and wave.stopped_at is None
     rising = [math.nan] + list(np.linspace(0.01, 0.3, 12))
-    wave = label_wave_point(rising, ema=1, patience=3, start=2)
+    wave = label_wave_point(rising, window=1, patience=3, start=2)
     assert wave.index == 2 and wave.stopped_at == 5
+
+
+def test_trailing_mean_is_the_papers_moving_average():
+    from valfree.selection.label_wave import trailing_mean
+
+    np.testing.assert_allclose(trailing_mean([math.nan, 3, 6, 9, math.nan, 12], 2), [math.nan, 3, 4.5, 7.5, math.nan, 10.5])
 
 
 def test_patience_as_fraction_of_the_run():
     pc = [math.nan] + [0.1] * 19
-    assert label_wave_point(pc, ema=1, patience=0.2, start=2).patience == 4
+    assert label_wave_point(pc, window=1, patience=0.2, start=2).patience == 4
 
 
 def test_stop_never_looks_past_the_patience():
     # the same prefix gives the same choice, whatever comes later: the rule is an online stopper
     prefix = [math.nan, 0.3, 0.2, 0.1, 0.15, 0.2, 0.25]
-    a = label_wave_point(prefix + [0.3, 0.3], ema=1, patience=3, start=2)
-    b = label_wave_point(prefix + [0.0, 0.0], ema=1, patience=3, start=2)
+    a = label_wave_point(prefix + [0.3, 0.3], window=1, patience=3, start=2)
+    b = label_wave_point(prefix + [0.0, 0.0], window=1, patience=3, start=2)
     assert a.index == b.index == 3
 
 

@@ -6,7 +6,8 @@ inputs whose predicted class changes between checkpoints (PC, see
 rises again while it fits the mislabelled examples, whose predictions keep flipping. The first minimum
 of PC comes just before that memorisation. The rule, as an early stopper read in step order:
 
-1. smooth PC with an EMA of span ``ema`` (PC_0 is undefined and is skipped);
+1. smooth PC with a trailing moving average over ``window`` checkpoints, as the paper does (PC_0 is
+   undefined and is skipped; the first entries average what exists so far);
 2. from index ``start`` on, keep the index of the smallest smoothed PC seen so far (the earliest on
    ties);
 3. stop as soon as ``patience`` checkpoints have passed without a new minimum; the choice is the
@@ -28,11 +29,26 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ValfreeError
-from .smoothing import ema as ema_series
 
-# Checkpoint-folder defaults: start at the third checkpoint (the first two PCs are the steepest part
-# of learning), patience a fifth of the run (10 of the official code's ~50 epochs).
-LABEL_WAVE_DEFAULTS = {"ema": 3, "patience": 0.2, "start": 2}
+# Checkpoint-folder defaults: a 3-checkpoint moving average, start at the third checkpoint (the first
+# two PCs are the steepest part of learning), patience a fifth of the run (10 of the official code's
+# ~50 epochs).
+LABEL_WAVE_DEFAULTS = {"window": 3, "patience": 0.2, "start": 2}
+
+
+def trailing_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """s_t = mean of the last ``window`` finite values up to t; NaN where x_t itself is not finite
+    (so a missing value is never chosen), and the first entries average what exists so far."""
+    x = np.asarray(values, dtype=float)
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValfreeError(f"the moving-average window must be a whole number >= 1, not {window!r}.")
+    out = np.full_like(x, np.nan)
+    recent: list[float] = []
+    for i, v in enumerate(x.tolist()):
+        if math.isfinite(v):
+            recent = (recent + [v])[-int(window):]
+            out[i] = sum(recent) / len(recent)
+    return out
 
 
 def as_count(value: float | int, n: int, what: str, minimum: int = 1) -> int:
@@ -71,7 +87,7 @@ class WaveChoice:
 
 
 def label_wave_point(
-    pred_change: Sequence[float], ema: float = 3, patience: float | int = 0.2, start: float | int = 2
+    pred_change: Sequence[float], window: int = 3, patience: float | int = 0.2, start: float | int = 2
 ) -> WaveChoice:
     """Apply the Label Wave rule to a PC series already in step order (see the module docstring)."""
     pc = np.asarray(pred_change, dtype=float)
@@ -84,7 +100,7 @@ def label_wave_point(
     first = as_count(start, n, "start", minimum=1) if not isinstance(start, (int, np.integer)) else int(start)
     if first < 0:
         raise ValfreeError(f"start must not be negative, got {start}.")
-    smoothed = ema_series(pc, ema)
+    smoothed = trailing_mean(pc, window)
     finite = np.flatnonzero(np.isfinite(smoothed))
     candidates = finite[finite >= first]
     if len(candidates) == 0:

@@ -109,7 +109,7 @@ class RuleOptions:
     ema: float = UNIVERSAL_PRESET["ema"]
     patience: float | int = LABEL_WAVE_DEFAULTS["patience"]
     start: float | int = LABEL_WAVE_DEFAULTS["start"]
-    pc_ema: float = LABEL_WAVE_DEFAULTS["ema"]
+    pc_window: int = LABEL_WAVE_DEFAULTS["window"]
     min_gain: float = MIN_GAIN
     subset_size: int | None = None
 
@@ -152,7 +152,7 @@ def _probe(run: _Run, opts: RuleOptions) -> Selection:
 
 
 def _wave(run: _Run, opts: RuleOptions, rule: str) -> WaveChoice:
-    return label_wave_point(run.need(PC_COLUMN, rule), ema=opts.pc_ema, patience=opts.patience, start=opts.start)
+    return label_wave_point(run.need(PC_COLUMN, rule), window=opts.pc_window, patience=opts.patience, start=opts.start)
 
 
 def _subset_size(run: _Run, opts: RuleOptions) -> int | None:
