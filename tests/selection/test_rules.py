@@ -8,7 +8,7 @@ import pytest
 from valfree.errors import ValfreeError
 from valfree.probes.prediction_changes import label_agreement, paired_difference_stderr, prediction_changes
 from valfree.selection.label_wave import label_wave_point
-from valfree.selection.rules import RULES, agreement_gain, memorised_fraction, select_by_rule, _Run
+from valfree.selection.rules import RULES, _Run, agreement_gain, memorisation_warning, memorised_fraction, select_by_rule
 
 
 def test_late_minimum_is_found_and_confirmed():
@@ -134,11 +134,16 @@ def test_gain_stderr_bound_covers_the_exact_paired_stderr():
 
 def test_memorised_fraction_tracks_the_late_gain():
     steps, cols = _noisy_run()
-    est = memorised_fraction(steps, cols)
+    est, wave_step = memorised_fraction(steps, cols)
     wave = select_by_rule("label-wave", steps, cols)
     la = cols["label_agreement"]
+    assert wave_step == wave.step
     assert est.value == pytest.approx(la[-1] - la[wave.index])
     assert est.low < est.value < est.high
+    warning = memorisation_warning(est, wave_step)
+    assert "memorised wrong labels" in warning and f"step {wave_step:g}" in warning
+    clean_steps, clean = _clean_run()
+    assert memorisation_warning(*memorised_fraction(clean_steps, clean)) is None
 
 
 def test_unknown_rule_and_option_are_one_sentence():

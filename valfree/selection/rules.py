@@ -179,16 +179,16 @@ def agreement_gain(run: _Run, start: int, stop: int, subset_size: int | None) ->
 
 
 def memorised_fraction(steps: Sequence[float], columns: Mapping[str, Sequence[float]], subset_size: int | None = None,
-                       **options) -> Estimate | None:
-    """LA_end - LA_m, the share of the subset the model came to agree with only after the Label Wave
-    point m, with a 95 % interval; None when the run has no PC or no label agreement."""
+                       **options) -> tuple[Estimate, float] | None:
+    """(LA_end - LA_m, the step of m): the share of the subset the model came to agree with only after
+    the Label Wave point m, with a 95 % interval; None when the run has no PC or no label agreement."""
     run = _Run(steps, columns)
     if not (run.has(PC_COLUMN) and run.has(LA_COLUMN)):
         return None
     opts = RuleOptions(subset_size=subset_size, **options)
     wave = _wave(run, opts, "memorised fraction")
     last = int(np.flatnonzero(np.isfinite(run.columns[LA_COLUMN]))[-1])
-    return agreement_gain(run, wave.index, max(last, wave.index), _subset_size(run, opts))
+    return agreement_gain(run, wave.index, max(last, wave.index), _subset_size(run, opts)), float(run.steps[wave.index])
 
 
 def rule_probe(run: _Run, opts: RuleOptions) -> RuleChoice:
@@ -270,3 +270,19 @@ def select_by_rule(rule: str, steps: Sequence[float], columns: Mapping[str, Sequ
     if unknown:
         raise ValfreeError(f"unknown rule option(s) {', '.join(sorted(unknown))}.")
     return RULES[rule](_Run(steps, columns), RuleOptions(**options))
+
+
+def memorisation_warning(estimate: Estimate | None, wave_step: float | None, min_gain: float = MIN_GAIN) -> str | None:
+    """A plain warning when a run looks like it memorised wrong labels: the label agreement gained
+    after the Label Wave point is at least ``min_gain`` with 95 % confidence. None otherwise."""
+    if estimate is None or not math.isfinite(estimate.value):
+        return None
+    low = estimate.low if math.isfinite(estimate.low) else estimate.value
+    if low < min_gain:
+        return None
+    return (
+        f"this run looks like it memorised wrong labels: after step {wave_step:g}, where prediction changes bottomed "
+        f"out, the model came to agree with a further {100 * estimate.value:.1f} % of its training labels "
+        f"(95 % interval {100 * low:.1f}-{100 * estimate.high:.1f} %) that it had rejected there; about that share of "
+        "the labels is likely wrong, and checkpoints after that step fit them."
+    )
