@@ -228,9 +228,9 @@ def lightning_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def scoring_worker(rank: int, world: int, folder: str, data: str, out: str) -> None:
-    from valfree.integrations.torchrun import torchrun_scoring
+    from valfree.commands.score_torchrun import torchrun_scoring
     from valfree.io.checkpoints import discover_checkpoints
-    from valfree.io.scoring import score_checkpoints
+    from valfree.commands.score import score_checkpoints
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     with torchrun_scoring(out) as run:

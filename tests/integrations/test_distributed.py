@@ -135,7 +135,7 @@ def make_checkpoints(folder: Path, data: Path, count: int = 5) -> None:
 
 
 def test_split_scoring_merges_to_the_single_process_file(ranks_output, tmp_path):
-    from valfree.io.scoring import score_checkpoints
+    from valfree.commands.score import score_checkpoints
 
     score_checkpoints(str(ranks_output / "ckpts"), TINY_MLP, f"npz:{ranks_output / 'data.npz'}",
                       out=tmp_path / "single.csv", batch_size=32, progress=False)
@@ -144,7 +144,7 @@ def test_split_scoring_merges_to_the_single_process_file(ranks_output, tmp_path)
 
 
 def test_leftover_parts_of_an_interrupted_run_are_merged_not_lost(tmp_path):
-    from valfree.integrations.torchrun import part_path, torchrun_scoring
+    from valfree.commands.score_torchrun import part_path, torchrun_scoring
 
     out = tmp_path / "scores.csv"
     ResultsStore(part_path(out, 1)).append({"step": 20, "path": "/b.pt", "size": 1, "mtime": "1.000000", "status": "ok", "grad_norm": 2.0})

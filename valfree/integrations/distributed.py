@@ -12,7 +12,7 @@ cheaper one is used, the same rule as the Gram/direct choice of the single-proce
 
 Every function here falls back to the single-process probe when torch.distributed is not
 initialised, so callers need no special case. Splitting ``valfree score`` over torchrun ranks is in
-:mod:`valfree.integrations.torchrun`.
+:mod:`valfree.commands.score_torchrun`.
 """
 
 from __future__ import annotations

@@ -26,9 +26,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ValfreeError
-from ..io.checkpoints import file_identity
-from ..io.results import STATUS_OK, ResultsStore
-from ..io.scoring import probe_row  # the column mapping of `valfree score`: the gram/direct choice -> path_used
+from ..io.results import STATUS_OK, ResultsStore, identity_columns, probe_row
 from ..probes import HeadGradient
 from ..selection import EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
 
@@ -142,8 +140,7 @@ class ScoreTracker:
         row = {"step": int(step)}
         if path:
             # Rows without a file carry no path, so that the store does not take them for one key.
-            ident = file_identity(path) if os.path.exists(path) else (path, "", "")
-            row.update(path=ident[0], size=ident[1], mtime=f"{ident[2]:.6f}" if ident[2] != "" else "")
+            row.update(identity_columns(path, missing_ok=True))
         row.update(status=STATUS_OK, error="", **probe_row(probe))
         self.results.append(row)
         return row

@@ -420,6 +420,15 @@ def call_model(model: nn.Module, inputs):
     return model(inputs)
 
 
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (the default dtype if it has none): the
+    dtype a probe batch's floating inputs are cast to before the forward pass."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
 def capture_forward(model: nn.Module, inputs, heads: list[Head], train_mode: bool = False) -> list[HeadCapture]:
     """One forward pass under ``torch.no_grad()`` that records every head's input and output, detached.
 
