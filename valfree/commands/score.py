@@ -18,7 +18,7 @@ from ..io.hf_model import build_hf_model
 from ..io.results import ResultsStore, probe_row
 from ..probes import LOSSES, find_head, head_gradient
 from ..probes.batches import move_to
-from ..probes.head_gradient import parameter_dtype
+from ..probes.forward import parameter_dtype
 from ..probes.presets import PRESETS, get_preset
 from .checkpoint_loop import CheckpointLoop, RunSummary
 from . import EXIT_PARTIAL_FAILURE
