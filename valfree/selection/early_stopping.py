@@ -60,5 +60,17 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        """Restore what :meth:`state_dict` saved. Any other set of keys is refused: setting unknown
+        attributes would hide a state saved by something else, and a missing key would leave this
+        object half restored."""
+        expected = set(self.state_dict())
+        unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        if unknown or missing:
+            problems = [f"unknown keys {', '.join(unknown)}" if unknown else "",
+                        f"missing keys {', '.join(missing)}" if missing else ""]
+            raise ValfreeError(
+                f"the early-stopping state has {' and '.join(p for p in problems if p)}; "
+                "pass the dict that EarlyStopping.state_dict() returned."
+            )
+        for key in expected:
+            setattr(self, key, state[key])

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ValfreeError
-from .smoothing import ema
+from . import smoothing
 
 # The paper's universal preset: last 20 % of the trajectory, EMA span 3, minimise the head gradient.
 UNIVERSAL_PRESET = {"tail": 0.2, "ema": 3, "mode": "min"}
@@ -91,7 +91,7 @@ def select_checkpoint(
         raise ValfreeError(f"steps and scores must be 1-D and of equal length, got {s.shape} and {x.shape}.")
     order = np.argsort(s, kind="stable")
     s_sorted, x_sorted = s[order], x[order]
-    smoothed = _ema(x_sorted, ema)
+    smoothed = smoothing.ema(x_sorted, ema)
     start, stop = tail_window(len(x_sorted), tail)
     window = smoothed[start:stop]
     if not np.isfinite(window).any():
@@ -118,5 +118,3 @@ def select_checkpoint(
         ema=ema,
     )
 
-
-_ema = ema  # the parameter name shadows the function inside select_checkpoint
