@@ -21,6 +21,7 @@ from ..probes.batches import move_to
 from ..probes.forward import parameter_dtype
 from ..probes.presets import PRESETS, get_preset
 from .checkpoint_loop import CheckpointLoop, RunSummary
+from .score_torchrun import torchrun_scoring
 from . import EXIT_PARTIAL_FAILURE
 
 TARGETS = ("labels", "pseudo")
@@ -49,8 +50,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .score_torchrun import torchrun_scoring
-
     if args.preset and args.loss:
         raise ValfreeError(f"--loss and --preset cannot be combined: the {args.preset} preset sets its own loss.")
     # Under torchrun each rank scores its share into a part file that rank 0 merges; alone, a no-op.
