@@ -63,7 +63,9 @@ class ResultsStore:
 
     @staticmethod
     def key(row: dict) -> tuple[str, str, str]:
-        return row_key(row.get("path", ""), row.get("size", ""), row.get("mtime", ""))
+        """The key of a row: (path, size, mtime) as text, the mtime with six decimals whatever a writer
+        wrote, so that a key built from a file on disk equals the key read back from its row."""
+        return str(row.get("path", "")), str(row.get("size", "")), _fmt_mtime(row.get("mtime", ""))
 
     def done_keys(self) -> set[tuple[str, str, str]]:
         """Keys of the rows scored successfully."""
@@ -93,12 +95,6 @@ class ResultsStore:
             writer.writeheader()
             writer.writerows(self._rows)
         os.replace(tmp, self.path)
-
-
-def row_key(path, size, mtime) -> tuple[str, str, str]:
-    """The key of a results row: (path, size, mtime), formatted as the CSV stores them, so that a key
-    built from a file on disk equals the key read back from a row written for it."""
-    return str(path), str(size), _fmt_mtime(mtime)
 
 
 def identity_columns(path: str | os.PathLike, missing_ok: bool = False) -> dict:
