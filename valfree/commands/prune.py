@@ -70,7 +70,7 @@ def run(args) -> int:
 
 def prune_checkpoint(checkpoint: str | os.PathLike, *, model_spec: str, data_spec: str, output: str | os.PathLike,
                      criterion: str = "jbr", ratio: float = 0.5, steps: int = 10,
-                     options: PruneOptions = PruneOptions(), test_data: str | None = None,
+                     options: PruneOptions | None = None, test_data: str | None = None,
                      test_size: int | None = 2000):
     """Prune the model in ``checkpoint`` and write it to ``output``; returns the PruneResult.
 
@@ -79,6 +79,7 @@ def prune_checkpoint(checkpoint: str | os.PathLike, *, model_spec: str, data_spe
     """
     from ..pruning import get_criterion, prune_with, save_pruned
 
+    options = options or PruneOptions()
     output = Path(output)
     _check_writable(output)
     get_criterion(criterion)  # fail on a typo before loading anything

@@ -8,7 +8,10 @@ the *global* batch, which is not the mean of per-rank norms:
 Two exchanges give it exactly. Each rank can all-reduce its C x d matrix R_r^T Z_r (plus a few
 sample-weighted sums for the loss and the readouts), or all ranks can gather the head's inputs and
 outputs and compute the probe of the union. The first moves C*d numbers, the second N*(C+d); the
-cheaper one is used, the same rule as the Gram/direct choice of the single-process probe.
+cheaper one is used, the same rule as the Gram/direct choice of the single-process probe. The first is
+exact only for a loss that is a mean over rows (ce, bce, a callable mean), so focal and the regression
+losses always gather. Both paths prepare rows and targets with :mod:`valfree.probes.rows`, as the
+single-process probe does.
 
 Every function here falls back to the single-process probe when torch.distributed is not
 initialised, so callers need no special case. Splitting ``valfree score`` over torchrun ranks is in
@@ -199,7 +202,8 @@ def distributed_probe_features(features, logits, targets, weight, bias, options:
 
 
 def _gathered(terms, weight, bias, rows, options: ProbeOptions, group, device) -> HeadGradient:
-    """Gather the head's inputs, outputs and targets, then probe the union: cheaper when N(C+d) < Cd."""
+    """Gather the head's inputs, outputs and targets, then probe the union: cheaper when N(C+d) < Cd, and
+    exact for every loss, including those that are not a mean over rows."""
     n_max = max(rows)
     z, a, t = terms.z, terms.a, terms.t
     t_cols = 0 if t is None else (1 if t.dim() == 1 else t.shape[1])

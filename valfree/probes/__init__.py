@@ -5,7 +5,6 @@ product."""
 from .diffusion import ddpm_alphas_cumprod, diffusion_head_gradient, noised_batch
 from .forward import capture_forward
 from .head_gradient import (
-    LOSSES,
     HeadGradient,
     gram_is_cheaper,
     head_gradient,
@@ -21,6 +20,7 @@ from .losses import centernet_focal_loss
 from .multi_head import MultiHeadGradient, combine, head_gradients
 from .options import ProbeOptions
 from .readouts import sigmoid_readouts, softmax_readouts
+from .rows import LOSSES
 
 __all__ = [
     "Head",

@@ -31,15 +31,12 @@ from .forward import capture_forward
 from .heads import Head, find_head
 from .losses import centernet_focal_loss
 from .options import LossSpec, ProbeOptions
-from .rows import (  # noqa: F401  (PSEUDO, LOSSES, per_location, flatten_targets: re-exported for callers)
+from .rows import (
     LOSSES,
     NON_FINITE_LOGITS,
-    PSEUDO,
     REGRESSION_LOSSES,
     check_same_shape,
     detached,
-    flatten_targets,
-    per_location,
     probe_rows,
     probe_targets,
     readout_tensor,

@@ -28,9 +28,10 @@ from torch import nn
 
 from ..errors import ValfreeError
 from .forward import capture_forward
-from .head_gradient import NON_FINITE_LOGITS, HeadGradient, gram_is_cheaper, residual, weight_grad_norm_sq
+from .head_gradient import HeadGradient, gram_is_cheaper, residual, weight_grad_norm_sq
 from .heads import find_head
 from .readouts import softmax_readouts
+from .rows import NON_FINITE_LOGITS
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
