@@ -206,9 +206,11 @@ def run_tpv(
     run = TPVRun(out=str(out), note=note)
     spec_of = {ref.path: spec for ref, spec in zip(refs, specs)}
 
+    estimator = dict(probes=probes, seed=seed, outputs=outputs, batch_size=batch_size)
+
     def measure(ref: CheckpointRef) -> dict:
-        return _measure(spec_of[ref.path], ref.path, x_train, x_test, noise, method, probes, seed, outputs, batch_size,
-                        device)
+        model = load_into(build_model(spec_of[ref.path]), ref.path).to(device)
+        return _tpv_columns(model, x_train, x_test, noise, method, estimator)
 
     CheckpointLoop(refs, store, run).run(measure, columns=lambda ref: {"model": spec_of[ref.path], **config},
                                          desc="tpv", progress=progress)
@@ -220,15 +222,11 @@ def run_tpv(
     return run
 
 
-def _measure(spec, path, x_train, x_test, noise, method, probes, seed, outputs, batch_size, device) -> dict:
-    model = build_model(spec)
-    load_into(model, path)
-    model.to(device)
-    kwargs = dict(probes=probes, seed=seed, outputs=outputs, batch_size=batch_size)
+def _tpv_columns(model, x_train, x_test, noise, method: str, estimator: dict) -> dict:
+    """The TPV columns of one model: on the training inputs, and with test inputs the stability columns."""
     if x_test is None:
-        est = tpv(model, x_train, noise, method, **kwargs)
-        return _estimate_columns(est, "")
-    result = tpv_stability(model, x_train, x_test, noise, method, **kwargs)
+        return _estimate_columns(tpv(model, x_train, noise, method, **estimator), "")
+    result = tpv_stability(model, x_train, x_test, noise, method, **estimator)
     row = _estimate_columns(result.train, "")
     row.update(_estimate_columns(result.test, "test_"))
     row.update(ratio=result.ratio, ratio_low=result.ratio_low, ratio_high=result.ratio_high, verdict=result.verdict)
