@@ -22,7 +22,6 @@ Methods (one call, one result type, whatever the noise):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ValfreeError
 from . import label_noise as _label
-from .estimate import TPVEstimate, summarise
+from .estimate import EstimatorSettings, TPVEstimate, summarise
 from .exact import exact_values
 from .linearize import trainable
 from .noise import DiagonalNoise, LabelNoise, NoiseModel, Pruning, SGDNoise, parse_noise
@@ -193,21 +192,6 @@ def tpv(
     )
 
 
-@dataclass(frozen=True)
-class EstimatorSettings:
-    """How an estimator runs, as :func:`tpv` documents each: probes (None: the method's default), inputs
-    per batched pass, per-sample engine, adaptive stopping (rtol, max_probes), the exact method's memory
-    limit, and the method-specific options."""
-
-    probes: int | None
-    batch_size: int
-    engine: str
-    rtol: float | None
-    max_probes: int
-    max_exact_bytes: int
-    options: dict
-
-
 def _dispatch(model, x, noise, method, output_fn, params, generator, settings: EstimatorSettings):
     """(draws, shared, probes used, method label) for one noise model and method."""
     from . import monte_carlo
@@ -227,13 +211,12 @@ def _dispatch(model, x, noise, method, output_fn, params, generator, settings: E
     if options:
         raise ValfreeError(f"method='trace' takes no options {sorted(options)}.")
     if isinstance(noise, DiagonalNoise):
-        draws = trace_diagonal(model, x, noise, output_fn, params, probes or 8, generator, batch_size, settings.engine,
-                               settings.rtol, settings.max_probes)
+        draws = trace_diagonal(model, x, noise, output_fn, params, generator, settings)
         return draws, False, draws.shape[0], "trace"
     if isinstance(noise, Pruning):
         return trace_direction(model, x, noise.direction(params), output_fn, batch_size), False, 0, "jvp"
     if isinstance(noise, SGDNoise):
-        draws = trace_sgd(model, x, noise, output_fn, params, probes or 8, generator, batch_size)
+        draws = trace_sgd(model, x, noise, output_fn, params, generator, settings)
         return draws, True, draws.shape[0], "trace"
     raise ValfreeError(f"no estimator for noise {noise!r}.")
 
