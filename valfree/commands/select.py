@@ -11,13 +11,10 @@ import numpy as np
 from ..errors import ValfreeError
 from ..io.hf_state import rows_from_trainer_state
 from ..io.results import STATUS_OK, read_scores
-from ..selection import Selection, select_checkpoint
+from ..selection import MODES, Selection, select_checkpoint
 
 # Signals where larger means better; every other column is minimised.
 HIGHER_IS_BETTER = {"confidence", "margin"}
-
-
-MODES = ("min", "max")
 
 
 def add_selection_arguments(p) -> None:

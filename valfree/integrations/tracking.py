@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import ValfreeError
 from ..io.results import STATUS_OK, ResultsStore, identity_columns, probe_row
 from ..probes import HeadGradient
-from ..selection import EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
+from ..selection import MODES, EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
 
 SCORE_FIELDS = tuple(f.name for f in fields(HeadGradient) if f.type in ("float", float))
 
@@ -69,7 +69,7 @@ class ScoreTracker:
     ):
         if score not in SCORE_FIELDS:
             raise ValfreeError(f"score {score!r} is not a probe field; use one of {', '.join(SCORE_FIELDS)}.")
-        if mode not in ("min", "max"):
+        if mode not in MODES:
             raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
         if save_top_k is None or save_top_k < -1:
             raise ValfreeError(f"save_top_k must be -1 (keep all), 0 (save none) or a positive count, not {save_top_k!r}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import ValfreeError
+from .select import MODES
 from .smoothing import ema_step
 
 
@@ -16,7 +17,7 @@ class EarlyStopping:
     """
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0, mode: str = "min", ema: float = 3):
-        if mode not in ("min", "max"):
+        if mode not in MODES:
             raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
         if patience < 1:
             raise ValfreeError(f"patience must be at least 1, not {patience}.")

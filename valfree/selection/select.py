@@ -11,6 +11,8 @@ import numpy as np
 from ..errors import ValfreeError
 from . import smoothing
 
+# Directions of a score: "min" chooses its smallest smoothed value, "max" its largest.
+MODES = ("min", "max")
 # The paper's universal preset: last 20 % of the trajectory, EMA span 3, minimise the head gradient.
 UNIVERSAL_PRESET = {"tail": 0.2, "ema": 3, "mode": "min"}
 
@@ -83,7 +85,7 @@ def select_checkpoint(
     other lower-is-better signals) or argmax (``mode="max"``). NaN or infinite scores are never chosen
     and are listed in ``invalid``. The defaults are the paper's universal preset.
     """
-    if mode not in ("min", "max"):
+    if mode not in MODES:
         raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
     s = np.asarray(steps, dtype=float)
     x = np.asarray(scores, dtype=float)
