@@ -2,8 +2,8 @@
 
 Each module has ``add_parser(sub)``, which declares its arguments, ``run(args)``, which the CLI calls,
 and the runner that does the work for the library as well (``score_checkpoints``, ``run_tpv``, ...).
-The commands are the top layer: they may import every other part of valfree, and nothing imports them
-except :mod:`valfree.cli`.
+The commands are the top layer: they may import every other part of valfree, and within valfree only
+:mod:`valfree.cli` imports them (and the deprecated alias ``valfree.io.scoring``, lazily).
 """
 
 # Exit codes. A user mistake (a ValfreeError) exits 2; a command that ran but recorded some failed
