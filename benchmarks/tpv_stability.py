@@ -5,7 +5,7 @@
 One-hidden-layer MLPs of widths 8 to 512 are trained for 3 epochs on 10,000 training images. For each,
 TPV is measured on 512 training inputs and on 512 test inputs under isotropic noise, 8-bit per-tensor
 quantization (head kept in full precision) and label-free SGD noise, with valfree.tpv_stability. Only
-the inputs of the test split are loaded into the measurement (valfree.io.tpv_runner.inputs_only); no test
+the inputs of the test split are loaded into the measurement (valfree.io.data.inputs_only); no test
 label is read anywhere in this script. Writes benchmarks/results/tpv_stability.json,
 docs/tpv_stability.md and docs/img/tpv_stability.png.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from valfree.io.data import fashion_mnist
-from valfree.io.tpv_runner import inputs_only
+from valfree.io.data import inputs_only
 from valfree.models import mlp
 from valfree.tpv import Isotropic, Quantization, SGDNoise, tpv_stability
 

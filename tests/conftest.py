@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from valfree.demo import train_with_checkpoints
+from valfree.commands.demo import train_with_checkpoints
 from valfree.io.data import load_dataset
 from valfree.models import digits_cnn
 

@@ -119,6 +119,36 @@ def probe_cases_worker(rank: int, world: int, out_dir: str) -> None:
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+# name -> (rows per rank, classes, features): the sizes make the first case gather the union and the
+# second all-reduce, by the cost rule of the distributed probe.
+FOCAL_PSEUDO_CASES = {"focal_pseudo_gather": ((3, 2), 16, 64), "focal_pseudo_reduce": ((40, 30), 3, 4)}
+
+
+def focal_pseudo_case(name: str):
+    """A CenterNet-style heatmap head probed with pseudo-targets: the union batch and the rank sizes."""
+    sizes, c, d = FOCAL_PSEUDO_CASES[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    z = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64) / d**0.5
+    b = torch.randn(c, generator=g, dtype=torch.float64)
+    return sizes, z, z @ w.T + b, w, b
+
+
+def focal_pseudo_worker(rank: int, world: int, out_dir: str) -> None:
+    from valfree.integrations.distributed import distributed_head_gradient_from_features
+
+    results = {}
+    for name in FOCAL_PSEUDO_CASES:
+        sizes, z, a, w, b = focal_pseudo_case(name)
+        try:
+            probe = distributed_head_gradient_from_features(shard_of(z, sizes, rank), shard_of(a, sizes, rank),
+                                                            "pseudo", w, b, loss="focal")
+            results[name] = probe.as_dict()
+        except Exception as exc:  # reported to the parent, which compares with the single-process probe
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    torch.save(results, os.path.join(out_dir, f"focal_rank{rank}.pt"))
+
+
 def dense_head_case():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1)).double()
@@ -228,9 +258,9 @@ def lightning_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def scoring_worker(rank: int, world: int, folder: str, data: str, out: str) -> None:
-    from valfree.integrations.torchrun import torchrun_scoring
+    from valfree.commands.score_torchrun import torchrun_scoring
     from valfree.io.checkpoints import discover_checkpoints
-    from valfree.io.scoring import score_checkpoints
+    from valfree.commands.score import score_checkpoints
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     with torchrun_scoring(out) as run:

@@ -23,10 +23,13 @@ from valfree.io.results import ResultsStore
 
 from .ddp_workers import (
     FEATURE_CASES,
+    FOCAL_PSEUDO_CASES,
     TINY_MLP,
     all_scenarios_worker,
     dense_head_case,
     feature_case,
+    focal_pseudo_case,
+    focal_pseudo_worker,
     run_ranks,
     train_with_monitors,
     training_case,
@@ -70,6 +73,19 @@ def test_global_probe_equals_the_single_process_probe_on_the_union(ranks_output)
     # A bad label on one rank is an error on every rank, not a hang of the healthy one.
     assert "labels must lie in [0, 3]" in errors[1]
     assert "rank 1 could not compute the probe" in errors[0]
+
+
+def test_focal_pseudo_targets_are_the_single_process_ones_on_every_rank(tmp_path):
+    """Pseudo-targets of a focal (sigmoid) heatmap head are sigmoid(A).round() on the DDP path as in one
+    process, and focal's normaliser (the count of positives in the whole batch) is kept exactly."""
+    run_ranks(focal_pseudo_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"focal_rank{r}.pt") for r in range(2)]
+    assert ranks[0] == ranks[1]
+    for name in FOCAL_PSEUDO_CASES:
+        _, z, a, w, b = focal_pseudo_case(name)
+        want = head_gradient_from_features(z, a, "pseudo", w, b, loss="focal").as_dict()
+        assert "error" not in ranks[0][name], ranks[0][name]
+        assert_same_probe(ranks[0][name], want)
 
 
 def test_ddp_training_gives_the_single_process_scores_and_decisions(ranks_output, tmp_path):
@@ -135,7 +151,7 @@ def make_checkpoints(folder: Path, data: Path, count: int = 5) -> None:
 
 
 def test_split_scoring_merges_to_the_single_process_file(ranks_output, tmp_path):
-    from valfree.io.scoring import score_checkpoints
+    from valfree.commands.score import score_checkpoints
 
     score_checkpoints(str(ranks_output / "ckpts"), TINY_MLP, f"npz:{ranks_output / 'data.npz'}",
                       out=tmp_path / "single.csv", batch_size=32, progress=False)
@@ -144,7 +160,7 @@ def test_split_scoring_merges_to_the_single_process_file(ranks_output, tmp_path)
 
 
 def test_leftover_parts_of_an_interrupted_run_are_merged_not_lost(tmp_path):
-    from valfree.integrations.torchrun import part_path, torchrun_scoring
+    from valfree.commands.score_torchrun import part_path, torchrun_scoring
 
     out = tmp_path / "scores.csv"
     ResultsStore(part_path(out, 1)).append({"step": 20, "path": "/b.pt", "size": 1, "mtime": "1.000000", "status": "ok", "grad_norm": 2.0})
@@ -192,3 +208,21 @@ def test_bad_targets_are_a_clear_error_without_a_process_group():
     with pytest.raises(ValfreeError, match="labels must lie in"):
         distributed_head_gradient_from_features(torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, 2, 5]),
                                                 torch.randn(2, 3))
+
+
+def test_a_head_called_twice_is_refused_by_the_distributed_probe_as_by_the_local_one():
+    from valfree.integrations.distributed import distributed_head_gradient
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.fc = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.body(x)
+            return self.fc(h) + self.fc(2 * h)
+
+    model, x, y = Shared(), torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    for probe in (head_gradient, distributed_head_gradient):
+        with pytest.raises(ValfreeError, match="called 2 times"):
+            probe(model, x, y)

@@ -87,6 +87,18 @@ def test_early_stopping_waits_patience_and_survives_resume():
     assert [resumed.update(i, s) for i, s in list(enumerate(series))[4:]] == [False, True]
 
 
+def test_early_stopping_refuses_a_state_with_unknown_or_missing_keys():
+    state = EarlyStopping(patience=3).state_dict()
+    rule = EarlyStopping()
+    with pytest.raises(valfree.ValfreeError, match="unknown keys training"):
+        rule.load_state_dict({**state, "training": True})
+    with pytest.raises(valfree.ValfreeError, match="missing keys wait"):
+        rule.load_state_dict({k: v for k, v in state.items() if k != "wait"})
+    assert not hasattr(rule, "training") and rule.patience == 5  # nothing was half restored
+    rule.load_state_dict(state)
+    assert rule.patience == 3
+
+
 def test_early_stopping_counts_nan_as_no_improvement():
     rule = EarlyStopping(patience=2, ema=1)
     rule.update(0, 1.0)

@@ -7,7 +7,7 @@ import torch
 
 import valfree
 from valfree.io.data import fashion_mnist
-from valfree.io.tpv_runner import inputs_only
+from valfree.io.data import inputs_only
 from valfree.models import mlp
 from valfree.tpv.estimate import TPVEstimate
 from valfree.tpv.stability import ratio_interval, verdict

@@ -7,7 +7,6 @@ Only torch is imported here. ``valfree.lightning`` and ``valfree.huggingface`` (
 
 from .distributed import agree_any, distributed_head_gradient, distributed_head_gradient_from_features
 from .monitor import Monitor
-from .torchrun import merge_parts, torchrun_scoring
 from .tracking import Best, ScoreTracker
 
 __all__ = [
@@ -17,6 +16,4 @@ __all__ = [
     "agree_any",
     "distributed_head_gradient",
     "distributed_head_gradient_from_features",
-    "merge_parts",
-    "torchrun_scoring",
 ]

@@ -8,11 +8,14 @@ the *global* batch, which is not the mean of per-rank norms:
 Two exchanges give it exactly. Each rank can all-reduce its C x d matrix R_r^T Z_r (plus a few
 sample-weighted sums for the loss and the readouts), or all ranks can gather the head's inputs and
 outputs and compute the probe of the union. The first moves C*d numbers, the second N*(C+d); the
-cheaper one is used, the same rule as the Gram/direct choice of the single-process probe.
+cheaper one is used, the same rule as the Gram/direct choice of the single-process probe. The first is
+exact only for a loss that is a mean over rows (ce, bce, a callable mean), so focal and the regression
+losses always gather. Both paths prepare rows and targets with :mod:`valfree.probes.rows`, as the
+single-process probe does.
 
 Every function here falls back to the single-process probe when torch.distributed is not
 initialised, so callers need no special case. Splitting ``valfree score`` over torchrun ranks is in
-:mod:`valfree.integrations.torchrun`.
+:mod:`valfree.commands.score_torchrun`.
 """
 
 from __future__ import annotations
@@ -24,16 +27,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ValfreeError
-from ..probes import HeadGradient, capture_head, find_head, head_gradient_from_features, residual
-from ..probes.head_gradient import (
-    NON_FINITE_LOGITS,
-    PSEUDO,
-    call_model,
-    flatten_targets,
-    per_location,
-    single_class_warning,
-)
-from ..probes.readouts import sigmoid_readouts, softmax_readouts
+from ..probes import HeadGradient, ProbeOptions, capture_forward, find_head, probe_features, residual
+from ..probes.head_gradient import single_class_warning
+from ..probes.readouts import READOUTS
+from ..probes.rows import NON_FINITE_LOGITS, PSEUDO, probe_rows, probe_targets, pseudo_targets, readout_tensor
 
 # ----- process group ----------------------------------------------------------------------------------
 
@@ -116,46 +113,41 @@ class _LocalTerms:
     loss: float = 0.0               # this rank's mean loss
 
 
-def _local_terms(features, logits, targets, weight, loss, label_smoothing, ignore_index) -> _LocalTerms:
+def _local_terms(features, logits, targets, weight, options: ProbeOptions) -> _LocalTerms:
     """Validate and compute this rank's share. Errors are returned, not raised, so that every rank
     can learn of them in the first exchange instead of the healthy ranks hanging in a collective."""
-    channels_first = weight.dim() > 2
-    z, a = per_location(features.detach(), logits.detach(), channels_first)
-    compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    z, a = z.to(compute_dtype), a.to(compute_dtype)
+    loss = options.loss
+    z, a = probe_rows(features, logits, weight)
     terms = _LocalTerms(z, a, None, a.shape[0], False, None)
     if not torch.isfinite(a).all():
         terms.error = NON_FINITE_LOGITS
         return terms
-    if targets is None or (isinstance(targets, str) and targets == PSEUDO):
-        t = _pseudo_targets(a, loss)
-    elif isinstance(targets, str):
-        terms.error = f"targets must be a tensor or 'pseudo', not {targets!r}."
+    try:
+        t = probe_targets(targets, a, logits, weight, loss)
+    except ValfreeError as exc:
+        terms.error = str(exc)
         return terms
-    else:
-        t = flatten_targets(targets.to(a.device), logits, channels_first)
-        if t.shape[0] != a.shape[0]:
-            terms.error = (
-                f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
-                "targets must match the model's output, one per sample or location."
-            )
-            return terms
+    if not (targets is None or isinstance(targets, str)):
         terms.t = t
     if loss == "ce" and t.dim() == 1:
-        valid = t != ignore_index
+        valid = t != options.ignore_index
         terms.n_norm, terms.ignored = int(valid.sum()), bool((~valid).any())
     terms.r = torch.zeros_like(a)
     if a.shape[0] and terms.n_norm:
         try:
-            terms.r, value = residual(a, t, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index)
+            terms.r, value = residual(a, t, loss=loss, label_smoothing=options.label_smoothing,
+                                      ignore_index=options.ignore_index)
             terms.loss = float(value)
         except ValfreeError as exc:
             terms.error = str(exc)
     return terms
 
 
-def _pseudo_targets(a: torch.Tensor, loss) -> torch.Tensor:
-    return torch.sigmoid(a).round() if loss == "bce" else a.argmax(1)
+def _mean_over_rows(loss) -> bool:
+    """Whether the loss is a mean over rows, so that each rank's residual rescaled by its share of the
+    rows is the global one. Focal divides by the count of positives, and MSE/L1 by the count of
+    non-NaN targets, which differ from rank to rank: for those the union is gathered instead."""
+    return loss in ("ce", "bce") or callable(loss)
 
 
 def distributed_head_gradient_from_features(
@@ -177,10 +169,15 @@ def distributed_head_gradient_from_features(
     samples, as the built-in losses are. Must be called by every rank of ``group`` (a collective).
     Without an initialised process group this is exactly ``head_gradient_from_features``.
     """
+    options = ProbeOptions(loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index, path=path)
+    return distributed_probe_features(features, logits, targets, weight, bias, options, group)
+
+
+def distributed_probe_features(features, logits, targets, weight, bias, options: ProbeOptions, group=None) -> HeadGradient:
+    """:func:`distributed_head_gradient_from_features` with its options as one :class:`ProbeOptions`."""
     if not is_distributed(group):
-        return head_gradient_from_features(features, logits, targets, weight, bias, loss=loss,
-                                           label_smoothing=label_smoothing, ignore_index=ignore_index, path=path)
-    terms = _local_terms(features, logits, targets, weight, loss, label_smoothing, ignore_index)
+        return probe_features(features, logits, targets, weight, bias, options)
+    terms = _local_terms(features, logits, targets, weight, options)
     rank, world = rank_and_world(group)
     device = collective_device(terms.a.device, group)
     # First exchange: sizes and flags, so that every rank takes the same path and the same normaliser.
@@ -198,16 +195,15 @@ def distributed_head_gradient_from_features(
         raise ValfreeError("the probe batch is empty on every rank, so there is nothing to probe.")
     if table[:, 1].sum() == 0:
         raise ValfreeError("every target in the probe batch equals ignore_index, so there is nothing to probe.")
-    if world * max(rows) * (n_classes + dim + 1) < n_classes * dim:
-        result = _gathered(terms, targets, weight, bias, rows, loss, label_smoothing, ignore_index, path, group, device)
-    else:
-        result = _reduced(terms, weight, bias, int(table[:, 1].sum()), bool(table[:, 2].sum() > 0),
-                          loss, ignore_index, group, device)
-    return result
+    cheaper_to_gather = world * max(rows) * (n_classes + dim + 1) < n_classes * dim
+    if cheaper_to_gather or not _mean_over_rows(options.loss):
+        return _gathered(terms, weight, bias, rows, options, group, device)
+    return _reduced(terms, weight, bias, int(table[:, 1].sum()), bool(table[:, 2].sum() > 0), options, group, device)
 
 
-def _gathered(terms, targets, weight, bias, rows, loss, label_smoothing, ignore_index, path, group, device) -> HeadGradient:
-    """Gather the head's inputs, outputs and targets, then probe the union: cheaper when N(C+d) < Cd."""
+def _gathered(terms, weight, bias, rows, options: ProbeOptions, group, device) -> HeadGradient:
+    """Gather the head's inputs, outputs and targets, then probe the union: cheaper when N(C+d) < Cd, and
+    exact for every loss, including those that are not a mean over rows."""
     n_max = max(rows)
     z, a, t = terms.z, terms.a, terms.t
     t_cols = 0 if t is None else (1 if t.dim() == 1 else t.shape[1])
@@ -226,17 +222,17 @@ def _gathered(terms, targets, weight, bias, rows, loss, label_smoothing, ignore_
         t_all = union[:, d + c].round().long()  # class indices (and ignore_index) are exact in float
     else:
         t_all = union[:, d + c: d + c + t_cols]
-    result = head_gradient_from_features(z_all, a_all, t_all, weight.reshape(weight.shape[0], -1), bias, loss=loss,
-                                         label_smoothing=label_smoothing, ignore_index=ignore_index, path=path)
+    result = probe_features(z_all, a_all, t_all, weight.reshape(weight.shape[0], -1), bias, options)
     result.path = f"all_gather+{result.path}"
     return result
 
 
-def _reduced(terms, weight, bias, n_norm_total, any_ignored, loss, ignore_index, group, device) -> HeadGradient:
+def _reduced(terms, weight, bias, n_norm_total, any_ignored, options: ProbeOptions, group, device) -> HeadGradient:
     """All-reduce R_r^T Z_r and sample-weighted sums: cheaper when C*d <= N(C+d)."""
+    loss, ignore_index = options.loss, options.ignore_index
     z, a = terms.z, terms.a
     n, c = a.shape
-    t = terms.t if terms.t is not None else _pseudo_targets(a, loss)
+    t = terms.t if terms.t is not None else pseudo_targets(a, loss)
     hard_ce = loss == "ce" and t.dim() == 1
     # residual() divided by this rank's count; the global mean divides by everyone's.
     r = terms.r * (terms.n_norm / n_norm_total)
@@ -244,7 +240,7 @@ def _reduced(terms, weight, bias, n_norm_total, any_ignored, loss, ignore_index,
     # The single-process probe drops ignored rows from the Gram/feature statistics: same rule, global flag.
     keep = r.abs().sum(1) > 0 if hard_ce and any_ignored else torch.ones(n, dtype=torch.bool, device=a.device)
     rz, zz = r[keep], z[keep]
-    reads = (sigmoid_readouts(a) if loss == "bce" else softmax_readouts(a)) if n else {"entropy": 0.0, "confidence": 0.0, "margin": 0.0}
+    reads = dict(zip(READOUTS, readout_tensor(a, loss).tolist())) if n else dict.fromkeys(READOUTS, 0.0)
     present = torch.zeros(c, dtype=a.dtype, device=a.device)
     if hard_ce and n:
         labels = t[t != ignore_index]
@@ -286,18 +282,7 @@ def capture_features(model: nn.Module, inputs, head=None, train_mode: bool = Fal
     """Run ``model`` once without gradients and return (head, features, logits) as the head saw them."""
     model = unwrap(model)
     found = find_head(model, head)
-    was_training = model.training
-    model.train(train_mode)
-    try:
-        with torch.no_grad(), capture_head(found) as cap:
-            call_model(model, inputs)
-    finally:
-        model.train(was_training)
-    if cap.features is None:
-        raise ValfreeError(
-            f"the head {found.name!r} was not called during the forward pass; pass head='name' with the "
-            "module that produces the logits."
-        )
+    (cap,) = capture_forward(model, inputs, [found], train_mode)
     return found, cap.features, cap.logits
 
 
@@ -318,7 +303,12 @@ def distributed_head_gradient(
     The model is unwrapped from DDP and run locally; only the head's statistics cross ranks. Every
     rank returns the same result. Without a process group this is ``head_gradient``.
     """
-    found, features, logits = capture_features(model, inputs, head, train_mode)
-    return distributed_head_gradient_from_features(features, logits, targets, found.weight, found.bias, loss=loss,
-                                                   label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                                   path=path, group=group)
+    options = ProbeOptions(head=head, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index, path=path)
+    return distributed_probe_model(model, inputs, targets, options, train_mode, group)
+
+
+def distributed_probe_model(model: nn.Module, inputs, targets, options: ProbeOptions, train_mode: bool = False,
+                            group=None) -> HeadGradient:
+    """:func:`distributed_head_gradient` with its options as one :class:`ProbeOptions`."""
+    found, features, logits = capture_features(model, inputs, options.head, train_mode)
+    return distributed_probe_features(features, logits, targets, found.weight, found.bias, options, group)

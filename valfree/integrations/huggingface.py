@@ -22,6 +22,7 @@ batch (or its own micro-batch) and the probe covers the global batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from dataclasses import fields
@@ -30,7 +31,7 @@ from dataclasses import fields
 from ..errors import ValfreeError
 from ..io.checkpoints import load_into
 from ..io.results import ResultsStore
-from ..probes import HeadGradient, capture_head, find_head
+from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from .distributed import agree_any, shard_batch
 from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
 from .tracking import ScoreTracker
@@ -88,8 +89,8 @@ class LabelFreeCallback(TrainerCallback):
                 "give LabelFreeCallback either probe_batch (a dict of inputs with 'labels') or piggyback=True, not both or neither."
             )
         self.batch = split_probe_batch(probe_batch) if probe_batch is not None else None
-        self.piggyback, self.head_spec, self.load_best_at_end = piggyback, head, load_best_at_end
-        self.options = {"loss": loss, "label_smoothing": label_smoothing, "ignore_index": ignore_index}
+        self.piggyback, self.load_best_at_end = piggyback, load_best_at_end
+        self.requested = self.options = ProbeOptions(head, loss, label_smoothing, ignore_index)
         # The Trainer rotates checkpoints itself (save_total_limit), so the tracker keeps every path.
         self.tracker_args = dict(score=score, mode=mode, tail=tail, ema=ema, save_top_k=-1, patience=patience,
                                  min_delta=min_delta, results=results)
@@ -112,7 +113,8 @@ class LabelFreeCallback(TrainerCallback):
                 "the Trainer is also tracking its own best model (metric_for_best_model / load_best_model_at_end); "
                 "unset both, since LabelFreeCallback records and loads the best checkpoint itself."
             )
-        self.head = find_head(model, self.head_spec)
+        self.head = find_head(model, self.requested.head)
+        self.options = dataclasses.replace(self.requested, head=self.head.module)  # found once, not at every probe
         self.tracker = ScoreTracker(**{**self.tracker_args, "results": None})
         self._replay(args, state)  # before the results file is attached: replayed rows are already in it
         if self.tracker_args["results"] is not None and state.is_world_process_zero:
@@ -158,13 +160,13 @@ class LabelFreeCallback(TrainerCallback):
             return
         if self._labels is None:
             raise ValfreeError("piggyback mode reads the 'labels' argument of the model call, and the training batch has none.")
-        self._last = probe_capture(self._capture, self.head, self._labels, **self.options)
+        self._last = probe_capture(self._capture, self.head, self._labels, self.options)
 
     def _measure(self, model) -> HeadGradient | None:
         if self.piggyback:
             result, self._last = self._last, None
             return result
-        return probe_fixed_batch(model, self.head, *self.shard, **self.options)
+        return probe_fixed_batch(model, self.head, *self.shard, self.options)
 
     # ----- at each save -----------------------------------------------------------------------------
 

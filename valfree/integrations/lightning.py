@@ -18,6 +18,7 @@ that every rank records the same numbers, and the stop decision goes through
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from typing import Any, Callable
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ValfreeError
-from ..probes import HeadGradient, capture_head, find_head
+from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..probes.batches import label_of
 from .distributed import shard_batch
 from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
@@ -55,21 +56,21 @@ def default_targets(batch) -> Any:
 class _Prober:
     """Measures the probe for a callback: on the rank's share of a fixed batch, or by piggybacking."""
 
-    def __init__(self, probe_batch, piggyback, head, loss, label_smoothing, ignore_index, targets_from_batch):
+    def __init__(self, probe_batch, piggyback, options: ProbeOptions, targets_from_batch):
         if piggyback == (probe_batch is not None):
             raise ValfreeError(
                 "give the callback either probe_batch=(inputs, targets) for fixed-batch mode or piggyback=True, not both or neither."
             )
         self.batch = split_probe_batch(probe_batch) if probe_batch is not None else None
-        self.piggyback, self.head_spec = piggyback, head
-        self.options = {"loss": loss, "label_smoothing": label_smoothing, "ignore_index": ignore_index}
+        self.piggyback, self.requested, self.options = piggyback, options, options
         self.targets_from_batch = targets_from_batch or default_targets
         self._stack = contextlib.ExitStack()
         self._capture = self._targets = self._last = None
         self.head = None
 
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.head = find_head(pl_module, self.head_spec)
+        self.head = find_head(pl_module, self.requested.head)
+        self.options = dataclasses.replace(self.requested, head=self.head.module)  # found once, not at every probe
         if self.batch is not None:
             inputs, targets = self.batch
             rank, world = trainer.global_rank, trainer.world_size
@@ -91,13 +92,13 @@ class _Prober:
         micro-batch of the step."""
         if not self.piggyback or not due or self._capture.features is None:
             return
-        self._last = probe_capture(self._capture, self.head, self._targets, **self.options)
+        self._last = probe_capture(self._capture, self.head, self._targets, self.options)
 
     def measure(self, pl_module: "pl.LightningModule") -> HeadGradient | None:
         if self.piggyback:  # None when the step had no optimizer step (e.g. skipped by the AMP scaler)
             result, self._last = self._last, None
             return result
-        return probe_fixed_batch(pl_module, self.head, *self.shard, **self.options)
+        return probe_fixed_batch(pl_module, self.head, *self.shard, self.options)
 
 
 class _ProbeSchedule:
@@ -219,7 +220,8 @@ class LabelFreeCheckpoint(_LabelFreeHooks, Checkpoint):
         super().__init__()
         if "{step" not in filename:
             raise ValfreeError(f"filename {filename!r} must contain '{{step}}' so that checkpoints do not overwrite each other.")
-        self._prober = _Prober(probe_batch, piggyback, head, loss, label_smoothing, ignore_index, targets_from_batch)
+        options = ProbeOptions(head, loss, label_smoothing, ignore_index)
+        self._prober = _Prober(probe_batch, piggyback, options, targets_from_batch)
         self._schedule = _ProbeSchedule(every_n_train_steps, every_n_epochs)
         self.tracker = ScoreTracker(score, mode, tail, ema, save_top_k, results=results)
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
@@ -322,7 +324,8 @@ class LabelFreeEarlyStopping(_LabelFreeHooks, Callback):
         log_name: str | None = None,
     ):
         super().__init__()
-        self._prober = _Prober(probe_batch, piggyback, head, loss, label_smoothing, ignore_index, targets_from_batch)
+        options = ProbeOptions(head, loss, label_smoothing, ignore_index)
+        self._prober = _Prober(probe_batch, piggyback, options, targets_from_batch)
         self._schedule = _ProbeSchedule(every_n_train_steps, every_n_epochs)
         self.tracker = ScoreTracker(score, mode, tail=1.0, ema=ema, save_top_k=0, patience=patience, min_delta=min_delta)
         self.log_name = log_name or f"valfree/{score}_ema"

@@ -29,16 +29,10 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from ..probes import HeadGradient, capture_head, find_head
+from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..probes.batches import move_to
-from .distributed import (
-    agree_any,
-    distributed_head_gradient,
-    distributed_head_gradient_from_features,
-    rank_and_world,
-    shard_batch,
-    unwrap,
-)
+from ..probes.forward import parameter_dtype
+from .distributed import agree_any, distributed_probe_features, distributed_probe_model, rank_and_world, shard_batch, unwrap
 from .tracking import Best, ScoreTracker
 
 
@@ -58,28 +52,21 @@ def split_probe_batch(batch) -> tuple[object, object]:
     )
 
 
-def parameter_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
-def probe_fixed_batch(model: nn.Module, head, inputs, targets, group=None, **options) -> HeadGradient:
+def probe_fixed_batch(model: nn.Module, head, inputs, targets, options: ProbeOptions, group=None) -> HeadGradient:
     """The probe of a fixed batch (each rank passes its share), moved to the head's device and the
     model's dtype. Shared by the Monitor and the Lightning and Hugging Face callbacks."""
     device = head.weight.device
     inputs = move_to(inputs, device, parameter_dtype(model))
     targets = targets if isinstance(targets, str) else move_to(targets, device)
-    return distributed_head_gradient(model, inputs, targets, head=head.module, group=group, **options)
+    return distributed_probe_model(model, inputs, targets, options, group=group)
 
 
-def probe_capture(capture, head, targets, group=None, **options) -> HeadGradient:
+def probe_capture(capture, head, targets, options: ProbeOptions, group=None) -> HeadGradient:
     """Piggyback: the probe of the forward the head's hook captured last (over every rank's micro-batch).
     The capture is cleared, so the same forward is never probed twice."""
     features, logits = capture.features, capture.logits
     capture.features = capture.logits = None
-    return distributed_head_gradient_from_features(features, logits, targets, head.weight, head.bias, group=group, **options)
+    return distributed_probe_features(features, logits, targets, head.weight, head.bias, options, group)
 
 
 class Monitor:
@@ -150,7 +137,7 @@ class Monitor:
         self.model = unwrap(model)
         self.head = find_head(self.model, head)
         self.piggyback, self.every, self.group = piggyback, every, group
-        self.probe_options = {"loss": loss, "label_smoothing": label_smoothing, "ignore_index": ignore_index}
+        self.probe_options = ProbeOptions(self.head.module, loss, label_smoothing, ignore_index)
         self.rank, self.world = rank_and_world(group)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.filename = filename
@@ -205,9 +192,9 @@ class Monitor:
                     f"the head {self.head.name!r} has not run since the last probe; call monitor.step() after the "
                     "training forward pass."
                 )
-            result = probe_capture(cap, self.head, targets, group=self.group, **self.probe_options)
+            result = probe_capture(cap, self.head, targets, self.probe_options, self.group)
         else:
-            result = probe_fixed_batch(self.model, self.head, self._inputs, self._targets, group=self.group, **self.probe_options)
+            result = probe_fixed_batch(self.model, self.head, self._inputs, self._targets, self.probe_options, self.group)
         self.last = result
         return result
 

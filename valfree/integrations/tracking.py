@@ -26,11 +26,9 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ValfreeError
-from ..io.checkpoints import file_identity
-from ..io.results import STATUS_OK, ResultsStore
-from ..io.scoring import probe_row  # the column mapping of `valfree score`: the gram/direct choice -> path_used
+from ..io.results import STATUS_OK, ResultsStore, identity_columns, probe_row
 from ..probes import HeadGradient
-from ..selection import EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
+from ..selection import MODES, EarlyStopping, Selection, ema, ema_step, select_checkpoint, tail_window
 
 SCORE_FIELDS = tuple(f.name for f in fields(HeadGradient) if f.type in ("float", float))
 
@@ -71,7 +69,7 @@ class ScoreTracker:
     ):
         if score not in SCORE_FIELDS:
             raise ValfreeError(f"score {score!r} is not a probe field; use one of {', '.join(SCORE_FIELDS)}.")
-        if mode not in ("min", "max"):
+        if mode not in MODES:
             raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
         if save_top_k is None or save_top_k < -1:
             raise ValfreeError(f"save_top_k must be -1 (keep all), 0 (save none) or a positive count, not {save_top_k!r}.")
@@ -142,8 +140,7 @@ class ScoreTracker:
         row = {"step": int(step)}
         if path:
             # Rows without a file carry no path, so that the store does not take them for one key.
-            ident = file_identity(path) if os.path.exists(path) else (path, "", "")
-            row.update(path=ident[0], size=ident[1], mtime=f"{ident[2]:.6f}" if ident[2] != "" else "")
+            row.update(identity_columns(path, missing_ok=True))
         row.update(status=STATUS_OK, error="", **probe_row(probe))
         self.results.append(row)
         return row

@@ -163,13 +163,18 @@ def split_sample(item):
     return input_of(item), -1 if label is None else label
 
 
-def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded batch of ``size`` items (all of them if fewer): the same batch for every checkpoint."""
+def seeded_indices(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
+    """The sorted indices of a seeded draw of ``size`` items (all of them if fewer), the same for a given seed."""
     n = len(dataset)
     if n == 0:
         raise ValfreeError("the dataset is empty, so no probe batch can be drawn.")
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=g)[: min(size, n)].sort().values
+    return torch.randperm(n, generator=g)[: min(size, n)].sort().values
+
+
+def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, seeded batch of ``size`` items (all of them if fewer): the same batch for every checkpoint."""
+    idx = seeded_indices(dataset, size, seed)
     if isinstance(dataset, TensorDataset):
         tensors = dataset.tensors
         x = tensors[0][idx]
@@ -179,3 +184,11 @@ def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0) -> tuple[torch
     x = torch.stack([torch.as_tensor(v) for v in xs])
     y = torch.stack([torch.as_tensor(v) for v in ys])
     return x, y
+
+
+def inputs_only(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
+    """The inputs of :func:`probe_batch`'s draw (same seed, same items); labels are never read."""
+    idx = seeded_indices(dataset, size, seed)
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0][idx]
+    return torch.stack([torch.as_tensor(input_of(dataset[int(i)])) for i in idx])

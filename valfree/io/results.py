@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import ValfreeError
+from .checkpoints import file_identity
 
 # Leading columns, in this order; probe fields follow, then anything else a writer adds.
 KEY_COLUMNS = ("step", "path", "size", "mtime", "status", "error")
@@ -60,8 +61,11 @@ class ResultsStore:
     def rows(self) -> list[dict]:
         return list(self._rows)
 
-    def key(self, row: dict) -> tuple[str, str, str]:
-        return (str(row.get("path", "")), str(row.get("size", "")), _fmt_mtime(row.get("mtime", "")))
+    @staticmethod
+    def key(row: dict) -> tuple[str, str, str]:
+        """The key of a row: (path, size, mtime) as text, the mtime with six decimals whatever a writer
+        wrote, so that a key built from a file on disk equals the key read back from its row."""
+        return str(row.get("path", "")), str(row.get("size", "")), _fmt_mtime(row.get("mtime", ""))
 
     def done_keys(self) -> set[tuple[str, str, str]]:
         """Keys of the rows scored successfully."""
@@ -91,6 +95,31 @@ class ResultsStore:
             writer.writeheader()
             writer.writerows(self._rows)
         os.replace(tmp, self.path)
+
+
+def identity_columns(path: str | os.PathLike, missing_ok: bool = False) -> dict:
+    """The ``path``, ``size`` and ``mtime`` columns of a checkpoint's row, as the store writes them.
+
+    ``missing_ok``: a path with no file yet (a training callback's row for a checkpoint it did not keep)
+    gets empty size and mtime instead of an error.
+    """
+    if missing_ok and not os.path.exists(path):
+        return {"path": str(path), "size": "", "mtime": ""}
+    resolved, size, mtime = file_identity(path)
+    return {"path": resolved, "size": size, "mtime": _fmt_mtime(mtime)}
+
+
+def checkpoint_key(path: str | os.PathLike) -> tuple[str, str, str]:
+    """The results key of a checkpoint on disk; a rerun skips it when this key is in ``done_keys()``."""
+    return ResultsStore.key(identity_columns(path))
+
+
+def probe_row(probe) -> dict:
+    """A probe result (:class:`valfree.HeadGradient`) as results columns: its ``as_dict()``, with the
+    gram/direct choice stored as ``path_used`` so that it cannot be taken for the checkpoint's path."""
+    row = probe.as_dict()
+    row["path_used"] = row.pop("path")
+    return row
 
 
 def _fmt_mtime(value) -> str:

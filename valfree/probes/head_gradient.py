@@ -19,26 +19,28 @@ CenterNet's heatmap loss (:mod:`valfree.probes.losses`), whose R comes from auto
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ValfreeError
-from .heads import Head, HeadCapture, capture_head, find_head
+from .forward import capture_forward
+from .heads import Head, find_head
 from .losses import centernet_focal_loss
-from .readouts import sigmoid_readout_tensor, softmax_readout_tensor
-
-LossSpec = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-PSEUDO = "pseudo"
-NON_FINITE_LOGITS = "the model produced NaN or infinite logits on the probe batch, so the checkpoint cannot be scored."
-LOSSES = ("ce", "bce", "focal", "mse", "l1")
-REGRESSION_LOSSES = ("mse", "l1")
-SIGMOID_LOSSES = ("bce", "focal")
+from .options import LossSpec, ProbeOptions
+from .rows import (
+    LOSSES,
+    NON_FINITE_LOGITS,
+    REGRESSION_LOSSES,
+    check_same_shape,
+    detached,
+    probe_rows,
+    probe_targets,
+    readout_tensor,
+)
 
 
 @dataclass
@@ -84,39 +86,6 @@ class HeadGradient:
         return row
 
 
-def per_location(
-    features: torch.Tensor, logits: torch.Tensor, channels_first: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten a head's input and output to (N, d) and (N, C) rows, one per sample or location.
-
-    Linear heads act on the last dimension; 1x1 convolutions (``channels_first``) on dimension 1.
-    """
-    if channels_first:
-        features, logits = features.movedim(1, -1), logits.movedim(1, -1)
-    elif features.dim() == 2 and logits.dim() == 2:
-        return features, logits  # already rows; skipping the no-op reshapes matters in piggyback mode
-    return features.reshape(-1, features.shape[-1]), logits.reshape(-1, logits.shape[-1])
-
-
-def detached(x: torch.Tensor) -> torch.Tensor:
-    """``x`` cut from the graph, without a call when it already is: in piggyback mode the probe runs
-    after a backward pass, where each tensor call, even a no-op, costs tens of microseconds."""
-    return x.detach() if x.requires_grad else x
-
-
-def flatten_targets(targets: torch.Tensor, logits: torch.Tensor, channels_first: bool) -> torch.Tensor:
-    """Flatten targets to match :func:`per_location`: (N,) class indices or (N, C) soft targets."""
-    num_classes = logits.shape[1] if channels_first else logits.shape[-1]
-    if targets.dtype == torch.long and targets.dim() == 1:
-        return targets
-    if targets.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-        return targets.reshape(-1).long()
-    if targets.dim() == logits.dim():
-        t = targets.movedim(1, -1) if channels_first else targets
-        return t.reshape(-1, num_classes)
-    return targets.reshape(-1).long()
-
-
 def residual(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -133,7 +102,7 @@ def residual(
     """
     n, c = logits.shape
     if isinstance(loss, str) and loss == "focal":
-        _check_same_shape("focal", targets, logits)
+        check_same_shape("focal", targets, logits)
         loss = centernet_focal_loss
     if callable(loss):
         a = logits.detach().requires_grad_(True)
@@ -200,17 +169,9 @@ def single_class_warning(label: int) -> str:
             "use a batch that spans the classes")
 
 
-def _check_same_shape(loss: str, targets: torch.Tensor, logits: torch.Tensor) -> None:
-    if tuple(targets.shape) != tuple(logits.shape):
-        raise ValfreeError(
-            f"{loss} targets must have the head output's shape {tuple(logits.shape)} (one value per location "
-            f"and output channel), got {tuple(targets.shape)}."
-        )
-
-
 def _regression_residual(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared or absolute error over the entries whose target is not NaN, and its residual."""
-    _check_same_shape(loss, targets, logits)
+    check_same_shape(loss, targets, logits)
     y = targets.to(logits.dtype)
     valid = ~torch.isnan(y)
     m = int(valid.sum())
@@ -259,30 +220,17 @@ def head_gradient_from_features(
     (any leading shape; channels first for convolutions). ``targets="pseudo"`` (or None) uses the
     model's own argmax, for unlabeled data. This is what the plain-loop Monitor's piggyback mode calls.
     """
-    channels_first = weight.dim() > 2  # convolution weights are (C, d, 1, ...)
-    z, a = per_location(detached(features), detached(logits), channels_first)
-    compute_dtype = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
-    if z.dtype != compute_dtype or a.dtype != compute_dtype:
-        z, a = z.to(compute_dtype), a.to(compute_dtype)
+    return probe_features(features, logits, targets, weight, bias,
+                          ProbeOptions(loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index, path=path))
+
+
+def probe_features(features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor | str | None,
+                   weight: torch.Tensor, bias: torch.Tensor | None, options: ProbeOptions) -> HeadGradient:
+    """:func:`head_gradient_from_features` with its options as one :class:`ProbeOptions` (its head is not read)."""
+    loss, label_smoothing, ignore_index, path = options.loss, options.label_smoothing, options.ignore_index, options.path
+    z, a = probe_rows(features, logits, weight)
+    t = probe_targets(targets, a, logits, weight, loss)
     warnings: list[str] = []
-    if targets is None or (isinstance(targets, str) and targets == PSEUDO):
-        if loss in REGRESSION_LOSSES:
-            raise ValfreeError(
-                f"pseudo targets are defined for classification losses (ce, bce, focal), not {loss!r}; "
-                "a regression head needs its targets."
-            )
-        t = torch.sigmoid(a).round() if loss in SIGMOID_LOSSES else a.argmax(1)
-    elif isinstance(targets, str):
-        raise ValfreeError(f"targets must be a tensor or 'pseudo', not {targets!r}.")
-    else:
-        if isinstance(loss, str) and loss in REGRESSION_LOSSES + ("focal",):
-            _check_same_shape(loss, targets, logits)  # before flattening, so the message shows the real shapes
-        t = flatten_targets(targets if targets.device == a.device else targets.to(a.device), logits, channels_first)
-        if t.shape[0] != a.shape[0]:
-            raise ValfreeError(
-                f"the probe has {a.shape[0]} samples (or locations) but {t.shape[0]} targets; "
-                "targets must match the model's output, one per sample or location."
-            )
     c = a.shape[1]
     # The shortcut needs every label to be a real class: no smoothing, and an ignore_index that no
     # in-range label can equal (the default -100; 255 for segmentation with fewer classes).
@@ -315,17 +263,14 @@ def head_gradient_from_features(
     n_used = int(rz.shape[0])
     norm_sq, used_path = weight_grad_norm_sq(rz, zz, path)
     zero = norm_sq.new_zeros(())
-    if loss in REGRESSION_LOSSES:  # a regression output has no class probabilities to read out
-        reads = norm_sq.new_full((3,), float("nan"))
-    else:
-        reads = sigmoid_readout_tensor(a) if loss in SIGMOID_LOSSES else softmax_readout_tensor(a, logp)
+    reads = readout_tensor(a, loss, logp)
     # Every statistic leaves the device in one copy: this runs at every step in piggyback mode.
     sums = torch.stack([
         norm_sq.clamp_min(0),
-        weight.detach().to(compute_dtype).square().sum(),
+        weight.detach().to(a.dtype).square().sum(),
         zz.square().sum() / n_used if n_used else zero,
         r.sum(0).square().sum() if bias is not None else zero,
-        value.detach().to(compute_dtype),
+        value.detach().to(a.dtype),
     ])
     norm_sq_v, weight_sq, feature_ms, bias_sq, loss_value, entropy, confidence, margin = torch.cat([sums, reads]).tolist()
     # Non-finite logits make the softmax statistics NaN, so the full check only runs when one is (or
@@ -411,44 +356,6 @@ def _hard_label_ce_probe(
     )
 
 
-def call_model(model: nn.Module, inputs):
-    """Forward ``inputs`` as a tensor, a tuple of positional arguments, or a dict of keyword arguments."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def capture_forward(model: nn.Module, inputs, heads: list[Head], train_mode: bool = False) -> list[HeadCapture]:
-    """One forward pass under ``torch.no_grad()`` that records every head's input and output, detached.
-
-    The model runs in eval mode (``train_mode=True`` keeps training mode) and is restored afterwards;
-    the hooks are removed. A head that was not called, or was called more than once (its gradient
-    would sum over the calls, which one capture cannot hold), is a :class:`ValfreeError`.
-    """
-    was_training = model.training
-    model.train(train_mode)
-    try:
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            caps = [stack.enter_context(capture_head(h)) for h in heads]
-            call_model(model, inputs)
-    finally:
-        model.train(was_training)
-    for h, cap in zip(heads, caps):
-        if cap.features is None:
-            raise ValfreeError(
-                f"the head {h.name!r} was not called during the forward pass; pass head='name' with the "
-                "module that produces the logits."
-            )
-        if cap.calls > 1:
-            raise ValfreeError(
-                f"the head {h.name!r} was called {cap.calls} times in one forward pass (shared across inputs "
-                "or feature levels); valfree supports heads applied once per forward."
-            )
-    return caps
-
-
 def head_gradient(
     model: nn.Module,
     inputs,
@@ -468,16 +375,12 @@ def head_gradient(
     targets, multi-hot vectors (``loss="bce"``), or ``"pseudo"``/None for the model's own argmax.
     ``head`` is found with :func:`find_head` when not given. See :class:`HeadGradient` for the fields.
     """
-    found: Head = find_head(model, head)
+    options = ProbeOptions(head=head, loss=loss, label_smoothing=label_smoothing, ignore_index=ignore_index, path=path)
+    return probe_model(model, inputs, targets, options, train_mode)
+
+
+def probe_model(model: nn.Module, inputs, targets, options: ProbeOptions, train_mode: bool = False) -> HeadGradient:
+    """:func:`head_gradient` with its options as one :class:`ProbeOptions`."""
+    found: Head = find_head(model, options.head)
     (cap,) = capture_forward(model, inputs, [found], train_mode)
-    return head_gradient_from_features(
-        cap.features,
-        cap.logits,
-        targets,
-        found.weight,
-        found.bias,
-        loss=loss,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        path=path,
-    )
+    return probe_features(cap.features, cap.logits, targets, found.weight, found.bias, options)

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from .head_gradient import NON_FINITE_LOGITS, HeadGradient, capture_forward, gram_is_cheaper, residual, weight_grad_norm_sq
+from .forward import capture_forward
+from .head_gradient import HeadGradient, gram_is_cheaper, residual, weight_grad_norm_sq
 from .heads import find_head
 from .readouts import softmax_readouts
+from .rows import NON_FINITE_LOGITS
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from .head_gradient import HeadGradient, LossSpec, capture_forward, head_gradient_from_features
+from .forward import capture_forward
+from .head_gradient import HeadGradient, LossSpec, head_gradient_from_features
 from .heads import find_head
 
 

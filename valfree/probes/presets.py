@@ -124,7 +124,7 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         # The paper's sign, and the core's measured digits / Fashion-MNIST trajectories (docs/guide.md).
-        Preset("classification", "ce", "min", "the paper; tests/cli/test_score_select_report.py", _classification),
+        Preset("classification", "ce", "min", "the paper; tests/commands/test_score_select_report.py", _classification),
         Preset("segmentation", "ce", "min", _EVIDENCE.format("segmentation") + ": rho -0.91 with test mIoU",
                _segmentation),
         Preset("centernet", "focal+l1", "min", _EVIDENCE.format("detection") + ": rho -0.87 with test mAP@0.5",

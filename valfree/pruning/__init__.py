@@ -12,11 +12,13 @@ import importlib
 
 _EXPORTS = {
     "prune": "runner",
+    "prune_with": "runner",
+    "PruneOptions": "options",
     "PruneResult": "runner",
     "PruneStep": "runner",
-    "recalibrate_batchnorm": "runner",
-    "finetune": "runner",
-    "distillation_loss": "runner",
+    "recalibrate_batchnorm": "recovery",
+    "finetune": "recovery",
+    "distillation_loss": "recovery",
     "CRITERIA": "criteria",
     "LABEL_FREE": "criteria",
     "Criterion": "criteria",
@@ -35,7 +37,7 @@ _EXPORTS = {
     "load_pruned": "saving",
     "read_pruned_info": "saving",
 }
-_NEEDS_TORCH_PRUNING = {"runner", "criteria", "importance", "baselines"}
+_NEEDS_TORCH_PRUNING = {"runner", "recovery", "criteria", "importance", "baselines"}
 
 __all__ = sorted(_EXPORTS)
 

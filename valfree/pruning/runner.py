@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ValfreeError
@@ -30,9 +29,10 @@ from ..probes import find_head
 from .calibration import Calibration, calibration_from, training_batches
 from .criteria import get_criterion, make_importance
 from .importance import CalibratedImportance, as_logits
+from .options import PruneOptions, check_arguments
+from .recovery import distillation_loss, finetune, recalibrate_batchnorm
 from .tracing import build_pruner, check_accepts, check_runs
 
-TARGETS = ("channels", "params", "macs")
 # For params/MACs targets: the channel schedule that the rounds walk along, in increments of 1 %.
 SUBSTEP_CHANNEL_FRACTION = 0.01
 MAX_CHANNEL_FRACTION = 0.95
@@ -149,23 +149,39 @@ def prune(
         head: the classifier head (default: found by :func:`valfree.find_head`); it keeps its outputs.
         ignored_layers: more modules (or their names) that must not be pruned.
         pruner_options: passed to Torch-Pruning's ``BasePruner`` (round_to, max_pruning_ratio, ...).
+
+    The keyword options are those of :class:`PruneOptions`; :func:`prune_with` takes them as one object.
     """
-    check_arguments(ratio, steps, target, finetune_steps)
-    importance, name, needs_labels = _resolve_criterion(criterion, confidence, group_reduction, normalizer)
-    device = torch.device(device) if device is not None else _device_of(model)
+    options = PruneOptions(
+        target=target, global_pruning=global_pruning, confidence=confidence, group_reduction=group_reduction,
+        normalizer=normalizer, calibration_size=calibration_size, batch_size=batch_size,
+        recalibrate_bn=recalibrate_bn, finetune_steps=finetune_steps, finetune_loss=finetune_loss,
+        finetune_lr=finetune_lr, head=head, ignored_layers=tuple(ignored_layers or ()), device=device, seed=seed,
+        inplace=inplace, pruner_options=dict(pruner_options),
+    )
+    return prune_with(model, data, criterion, ratio, steps, options, eval_data=eval_data)
+
+
+def prune_with(model: nn.Module, data: Any, criterion: str | object, ratio: float, steps: int,
+               options: PruneOptions, eval_data: Any = None) -> PruneResult:
+    """:func:`prune` with its keyword options gathered in one :class:`PruneOptions`."""
+    o = options
+    check_arguments(ratio, steps, o.target, o.finetune_steps)
+    importance, name, needs_labels = _resolve_criterion(criterion, o.confidence, o.group_reduction, o.normalizer)
+    device = torch.device(o.device) if o.device is not None else _device_of(model)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        if not inplace:
+        torch.manual_seed(o.seed)
+        if not o.inplace:
             model = copy.deepcopy(model)
         model.to(device).eval()
-        teacher = copy.deepcopy(model).eval() if finetune_steps and finetune_loss is None else None
-        calibration = calibration_from(data, batch_size=batch_size, max_samples=calibration_size, seed=seed,
+        teacher = copy.deepcopy(model).eval() if o.finetune_steps and o.finetune_loss is None else None
+        calibration = calibration_from(data, batch_size=o.batch_size, max_samples=o.calibration_size, seed=o.seed,
                                        device=device, labels=needs_labels, what="calibration data")
         evaluation = calibration_from(eval_data, batch_size=256, max_samples=None, device=device, labels=True,
                                       what="evaluation data") if eval_data is not None else None
-        head_module = find_head(model, head).module
+        head_module = find_head(model, o.head).module
         classes = head_module.weight.shape[0]
-        ignored = [head_module, *_resolve_layers(model, ignored_layers)]
+        ignored = [head_module, *_resolve_layers(model, o.ignored_layers)]
         example = calibration.example_inputs()
         ran = check_accepts(model, example)
         # Torch-Pruning rebuilds pruned weights as new nn.Parameters (trainable); refreeze them after each step.
@@ -176,15 +192,15 @@ def prune(
         history = [record(0, "unpruned")]
         if history[0].channels == 0:
             raise ValfreeError("nothing to prune: every convolution and linear layer is the head or ignored.")
-        if target == "channels":  # Torch-Pruning's own schedule: one step per round
+        if o.target == "channels":  # Torch-Pruning's own schedule: one step per round
             schedule = dict(pruning_ratio=ratio, iterative_steps=steps)
         else:  # fine channel increments; each round takes as many as its share of the target needs
             schedule = dict(pruning_ratio=MAX_CHANNEL_FRACTION,
                             iterative_steps=math.ceil(MAX_CHANNEL_FRACTION / SUBSTEP_CHANNEL_FRACTION))
-        pruner = build_pruner(model, example, importance, ran, global_pruning=global_pruning, ignored_layers=ignored,
-                              **schedule, **pruner_options)
+        pruner = build_pruner(model, example, importance, ran, global_pruning=o.global_pruning, ignored_layers=ignored,
+                              **schedule, **o.pruner_options)
         measure = {"channels": None, "params": lambda: _count_params(model),
-                   "macs": lambda: _count_macs(model, example)}[target]
+                   "macs": lambda: _count_macs(model, example)}[o.target]
         start = measure() if measure else None
         for step in range(1, steps + 1):
             if isinstance(importance, CalibratedImportance):
@@ -197,22 +213,22 @@ def prune(
             for module, param_name in frozen:
                 getattr(module, param_name).requires_grad_(False)
             check_runs(model, example, classes, step)
-            if recalibrate_bn:
+            if o.recalibrate_bn:
                 recalibrate_batchnorm(model, calibration.inputs)
             history.append(record(step, "pruned"))
         model.zero_grad(set_to_none=True)  # gradient criteria leave .grad behind
-        _warn_if_short(history, target, ratio)
-        if finetune_steps:
-            batches = training_batches(data, batch_size=batch_size, steps=finetune_steps, seed=seed + 1,
-                                       device=device, inputs_only=finetune_loss is None)
-            finetune(model, batches, finetune_loss or distillation_loss(teacher), lr=finetune_lr)
+        _warn_if_short(history, o.target, ratio)
+        if o.finetune_steps:
+            batches = training_batches(data, batch_size=o.batch_size, steps=o.finetune_steps, seed=o.seed + 1,
+                                       device=device, inputs_only=o.finetune_loss is None)
+            finetune(model, batches, o.finetune_loss or distillation_loss(teacher), lr=o.finetune_lr)
             history.append(record(steps, "fine-tuned"))
     model.eval()
-    options = {"global_pruning": global_pruning, "confidence": confidence, "group_reduction": group_reduction,
-               "normalizer": normalizer, "batch_size": batch_size, "recalibrate_bn": recalibrate_bn,
-               "finetune_steps": finetune_steps, "seed": seed, "steps": steps}
-    return PruneResult(model, name, target, ratio, history, example.detach().cpu(), calibration.num_samples,
-                       getattr(importance, "kept_fraction", None), options)
+    recorded = {"global_pruning": o.global_pruning, "confidence": o.confidence, "group_reduction": o.group_reduction,
+                "normalizer": o.normalizer, "batch_size": o.batch_size, "recalibrate_bn": o.recalibrate_bn,
+                "finetune_steps": o.finetune_steps, "seed": o.seed, "steps": steps}
+    return PruneResult(model, name, o.target, ratio, history, example.detach().cpu(), calibration.num_samples,
+                       getattr(importance, "kept_fraction", None), recorded)
 
 
 def _prune_one_step(pruner, importance) -> None:
@@ -221,60 +237,6 @@ def _prune_one_step(pruner, importance) -> None:
         group.prune()
         if isinstance(importance, CalibratedImportance):
             importance.forget(group)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, inputs: list[torch.Tensor]) -> None:
-    """Re-estimate the running mean and variance of every BatchNorm layer on ``inputs``.
-
-    Pruning changes what downstream BatchNorm layers see, so their stored statistics go stale. With
-    momentum None PyTorch keeps a cumulative average over the batches: the mean of the batch means
-    (the exact mean when batches have equal size) and of the unbiased batch variances.
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not layers:
-        return
-    was_training = model.training
-    momenta = [m.momentum for m in layers]
-    model.eval()  # dropout and friends stay off; only BatchNorm collects statistics
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for x in inputs:
-            model(x)
-    finally:
-        for m, momentum in zip(layers, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-
-
-def distillation_loss(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """Cross-entropy of the student against the teacher's predicted probabilities (label-free)."""
-
-    def loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            target = torch.softmax(as_logits(teacher(inputs)), dim=1)
-        return F.cross_entropy(as_logits(model(inputs)), target)
-
-    return loss
-
-
-def finetune(model: nn.Module, batches, loss_fn: Callable[[nn.Module, Any], torch.Tensor], lr: float = 0.01) -> None:
-    """SGD with momentum over ``batches`` (one step each) on ``loss_fn(model, batch)``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    model.train()
-    for batch in batches:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise ValfreeError(f"the fine-tuning loss became {loss.item()}; lower finetune_lr (now {lr}).")
-        loss.backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
 
 
 class _Recorder:
@@ -321,17 +283,6 @@ def _count_macs(model: nn.Module, example: torch.Tensor) -> int:
 
     macs, _ = tp.utils.count_ops_and_params(model, example)
     return int(macs)
-
-
-def check_arguments(ratio, steps, target, finetune_steps) -> None:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ValfreeError(f"ratio must be a fraction strictly between 0 and 1 (0.5 removes half), not {ratio!r}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValfreeError(f"steps must be a positive integer, not {steps!r}.")
-    if target not in TARGETS:
-        raise ValfreeError(f"target must be one of {', '.join(TARGETS)}, not {target!r}.")
-    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 0:
-        raise ValfreeError(f"finetune_steps must be a non-negative integer, not {finetune_steps!r}.")
 
 
 def _resolve_criterion(criterion, confidence, group_reduction, normalizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import ValfreeError
+from .select import MODES
 from .smoothing import ema_step
 
 
@@ -16,7 +17,7 @@ class EarlyStopping:
     """
 
     def __init__(self, patience: int = 5, min_delta: float = 0.0, mode: str = "min", ema: float = 3):
-        if mode not in ("min", "max"):
+        if mode not in MODES:
             raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
         if patience < 1:
             raise ValfreeError(f"patience must be at least 1, not {patience}.")
@@ -60,5 +61,17 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        """Restore what :meth:`state_dict` saved. Any other set of keys is refused: setting unknown
+        attributes would hide a state saved by something else, and a missing key would leave this
+        object half restored."""
+        expected = set(self.state_dict())
+        unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        if unknown or missing:
+            problems = [f"unknown keys {', '.join(unknown)}" if unknown else "",
+                        f"missing keys {', '.join(missing)}" if missing else ""]
+            raise ValfreeError(
+                f"the early-stopping state has {' and '.join(p for p in problems if p)}; "
+                "pass the dict that EarlyStopping.state_dict() returned."
+            )
+        for key in expected:
+            setattr(self, key, state[key])

@@ -9,8 +9,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ValfreeError
-from .smoothing import ema
+from . import smoothing
 
+# Directions of a score: "min" chooses its smallest smoothed value, "max" its largest.
+MODES = ("min", "max")
 # The paper's universal preset: last 20 % of the trajectory, EMA span 3, minimise the head gradient.
 UNIVERSAL_PRESET = {"tail": 0.2, "ema": 3, "mode": "min"}
 
@@ -83,7 +85,7 @@ def select_checkpoint(
     other lower-is-better signals) or argmax (``mode="max"``). NaN or infinite scores are never chosen
     and are listed in ``invalid``. The defaults are the paper's universal preset.
     """
-    if mode not in ("min", "max"):
+    if mode not in MODES:
         raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
     s = np.asarray(steps, dtype=float)
     x = np.asarray(scores, dtype=float)
@@ -91,7 +93,7 @@ def select_checkpoint(
         raise ValfreeError(f"steps and scores must be 1-D and of equal length, got {s.shape} and {x.shape}.")
     order = np.argsort(s, kind="stable")
     s_sorted, x_sorted = s[order], x[order]
-    smoothed = _ema(x_sorted, ema)
+    smoothed = smoothing.ema(x_sorted, ema)
     start, stop = tail_window(len(x_sorted), tail)
     window = smoothed[start:stop]
     if not np.isfinite(window).any():
@@ -118,5 +120,3 @@ def select_checkpoint(
         ema=ema,
     )
 
-
-_ema = ema  # the parameter name shadows the function inside select_checkpoint

@@ -9,6 +9,21 @@ import torch
 from scipy import stats
 
 
+@dataclass(frozen=True)
+class EstimatorSettings:
+    """How an estimator runs, as :func:`tpv` documents each: probes (None: the method's default), inputs
+    per batched pass, per-sample engine, adaptive stopping (rtol, max_probes), the exact method's memory
+    limit, and the method-specific options."""
+
+    probes: int | None
+    batch_size: int
+    engine: str
+    rtol: float | None
+    max_probes: int
+    max_exact_bytes: int
+    options: dict
+
+
 @dataclass
 class TPVEstimate:
     """A TPV value with its uncertainty.

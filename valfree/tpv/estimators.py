@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ValfreeError
 from . import label_noise as _label
-from .estimate import TPVEstimate, summarise
+from .estimate import EstimatorSettings, TPVEstimate, summarise
 from .exact import exact_values
 from .linearize import trainable
 from .noise import DiagonalNoise, LabelNoise, NoiseModel, Pruning, SGDNoise, parse_noise
@@ -181,10 +181,8 @@ def tpv(
         if isinstance(noise, SGDNoise) and targets is not None:
             noise = noise.bind(noise.inputs if noise.inputs is not None else x, targets)
         noise = noise.prepare(model, params)
-        draws, shared, used, label = _dispatch(
-            model, x, noise, method, output_fn, params, probes, generator, batch_size, engine, rtol, max_probes,
-            max_exact_bytes, options,
-        )
+        settings = EstimatorSettings(probes, batch_size, engine, rtol, max_probes, max_exact_bytes, options)
+        draws, shared, used, label = _dispatch(model, x, noise, method, output_fn, params, generator, settings)
     value, stderr, input_stderr, per_input = summarise(draws, shared)
     return TPVEstimate(
         value=value, stderr=stderr, input_stderr=input_stderr, probes=used, seconds=time.perf_counter() - start,
@@ -194,10 +192,11 @@ def tpv(
     )
 
 
-def _dispatch(model, x, noise, method, output_fn, params, probes, generator, batch_size, engine, rtol, max_probes, max_exact_bytes, options):
+def _dispatch(model, x, noise, method, output_fn, params, generator, settings: EstimatorSettings):
     """(draws, shared, probes used, method label) for one noise model and method."""
     from . import monte_carlo
 
+    probes, batch_size, options = settings.probes, settings.batch_size, settings.options
     if isinstance(noise, LabelNoise):
         if method == "monte_carlo":
             draws = _label.label_noise_empirical(model, x, noise, output_fn, probes or 8, generator, **options)
@@ -205,19 +204,19 @@ def _dispatch(model, x, noise, method, output_fn, params, probes, generator, bat
         draws = _label.label_noise_closed_form(model, x, noise, output_fn, batch_size=batch_size, **options)
         return draws, False, 0, "closed_form"
     if method == "exact":
-        return exact_values(model, x, noise, output_fn, params, batch_size, max_exact_bytes), False, 0, "exact"
+        return exact_values(model, x, noise, output_fn, params, batch_size, settings.max_exact_bytes), False, 0, "exact"
     if method == "monte_carlo":
         draws = monte_carlo.monte_carlo(model, x, noise, output_fn, params, probes or 32, generator, batch_size, **options)
         return draws, True, 0 if isinstance(noise, Pruning) else draws.shape[0], "monte_carlo"
     if options:
         raise ValfreeError(f"method='trace' takes no options {sorted(options)}.")
     if isinstance(noise, DiagonalNoise):
-        draws = trace_diagonal(model, x, noise, output_fn, params, probes or 8, generator, batch_size, engine, rtol, max_probes)
+        draws = trace_diagonal(model, x, noise, output_fn, params, generator, settings)
         return draws, False, draws.shape[0], "trace"
     if isinstance(noise, Pruning):
         return trace_direction(model, x, noise.direction(params), output_fn, batch_size), False, 0, "jvp"
     if isinstance(noise, SGDNoise):
-        draws = trace_sgd(model, x, noise, output_fn, params, probes or 8, generator, batch_size)
+        draws = trace_sgd(model, x, noise, output_fn, params, generator, settings)
         return draws, True, draws.shape[0], "trace"
     raise ValfreeError(f"no estimator for noise {noise!r}.")
 

@@ -51,11 +51,9 @@ def expand_rows(row_values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class NoiseModel:
-    """A parameter perturbation dw with covariance C. Subclasses say which form C has."""
-
-    #: "diagonal" (one variance per row), "direction" (deterministic dw), "curvature" (lr/2b * M),
-    #: or "label" (sigma^2 J^+ J^+T).
-    kind: str = ""
+    """A parameter perturbation dw with covariance C. Subclasses say which form C has: diagonal (one
+    variance per row), a deterministic direction, curvature (lr/2b * M) or label noise (sigma^2 J^+ J^+T);
+    the estimators dispatch on the subclass."""
 
     def prepare(self, model: nn.Module, params: Params) -> "NoiseModel":
         """Resolve anything that depends on the model (names to skip, masks); checks them too."""
@@ -70,8 +68,6 @@ class NoiseModel:
 
 class DiagonalNoise(NoiseModel):
     """C is diagonal and constant within each row of each tensor: C = diag(c_{p,r})."""
-
-    kind = "diagonal"
 
     def variances(self, params: Params) -> dict[str, torch.Tensor]:
         """Per-row variance c_{p,r} (a tensor of length rows) for each perturbed parameter.
@@ -203,8 +199,6 @@ class Pruning(NoiseModel):
 
     mask: Mapping[str, torch.Tensor] | None = None
     amount: float | None = None
-    kind = "direction"
-
     def __post_init__(self):
         if self.mask is None and self.amount is None:
             raise ValfreeError("Pruning needs a mask (parameter name -> bool tensor) or an amount in (0, 1).")
@@ -274,8 +268,6 @@ class SGDNoise(NoiseModel):
     loss: str = "ce"
     inputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
     targets: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    kind = "curvature"
-
     def __post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValfreeError(f"SGD noise needs a learning rate lr > 0, not {self.lr!r}.")
@@ -312,8 +304,6 @@ class LabelNoise(NoiseModel):
 
     sigma: float
     inputs: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    kind = "label"
-
     def __post_init__(self):
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ValfreeError(f"label noise needs a finite sigma > 0, not {self.sigma!r}.")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from .estimate import summarise
+from .estimate import EstimatorSettings, summarise
 from .linearize import ggn_sample, hessian_vector, jacobian_vector
 from .noise import DiagonalNoise, SGDNoise
 from .per_sample import OutputFn, output_rows, row_squares
@@ -30,8 +30,12 @@ def output_width(model: nn.Module, x: torch.Tensor, output_fn: OutputFn) -> int:
         return output_rows(model(x[:1]), output_fn).shape[1]
 
 
-def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, probes, generator, batch_size, engine, rtol, max_probes) -> torch.Tensor:
-    """(probes, N) draws of g_n^T C g_n with g_n = J_n^T u_n, u_n Rademacher: E = Tr(J_n C J_n^T)."""
+def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, generator,
+                   settings: EstimatorSettings) -> torch.Tensor:
+    """(probes, N) draws of g_n^T C g_n with g_n = J_n^T u_n, u_n Rademacher: E = Tr(J_n C J_n^T).
+
+    ``settings.probes`` rounds (default 8), more while ``settings.rtol`` is not met, up to ``max_probes``."""
+    probes, batch_size, rtol = settings.probes or 8, settings.batch_size, settings.rtol
     variances = noise.variances(params)
     names = list(variances)
     k = output_width(model, x, output_fn)
@@ -41,11 +45,11 @@ def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, probes, ge
         for sl in chunks(x.shape[0], batch_size):
             xc = x[sl]
             u = rademacher((xc.shape[0], k), generator, params[names[0]])
-            rows = row_squares(model, xc, u, output_fn, names, engine)
+            rows = row_squares(model, xc, u, output_fn, names, settings.engine)
             values[sl] = sum((rows[q] * variances[q]).sum(1) for q in names).detach().double().cpu()
         rounds.append(values)
         if len(rounds) >= max(probes, 2):
-            if rtol is None or len(rounds) >= max_probes:
+            if rtol is None or len(rounds) >= settings.max_probes:
                 break
             value, stderr, _, _ = summarise(torch.stack(rounds), shared=False)
             if stderr <= rtol * abs(value):
@@ -100,8 +104,10 @@ def hessian_vector_all(model, xt, yt, loss, vector, batch_size) -> dict[str, tor
     return total
 
 
-def trace_sgd(model, x, noise: SGDNoise, output_fn, params, probes, generator, batch_size) -> torch.Tensor:
-    """(probes, N) draws whose mean is lr/(2b) Tr(J_n M J_n^T); see the module docstring."""
+def trace_sgd(model, x, noise: SGDNoise, output_fn, params, generator, settings: EstimatorSettings) -> torch.Tensor:
+    """(probes, N) draws whose mean is lr/(2b) Tr(J_n M J_n^T), ``settings.probes`` of them (default 8);
+    see the module docstring."""
+    probes, batch_size = settings.probes or 8, settings.batch_size
     xt, yt = curvature_data(noise, x, params)
     names = list(params)
     rounds = []

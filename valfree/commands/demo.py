@@ -17,10 +17,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .io.data import fashion_mnist_available, load_dataset
-from .io.report import write_report
-from .io.scoring import score_checkpoints
-from .io.selection_io import choose
+from ..io.checkpoints import load_into
+from ..io.data import fashion_mnist_available, load_dataset
+from ..models import cnn
+from .report import write_report
+from .score import score_checkpoints
+from .select import choose
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="train a small CNN, save checkpoints, select one without labels, write a report")
+    p.add_argument("--out", default="valfree-demo", help="folder for checkpoints, scores and the report")
+    p.add_argument("--data", default=None, help="default: fashion-mnist if its files are present, else digits")
+    p.add_argument("--epochs", type=int, default=None, help="default: 6 on Fashion-MNIST, 30 on digits")
+    p.add_argument("--train-size", type=int, default=None, help="training images used (default: 12000 / all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return run_demo(out=args.out, data=args.data, epochs=args.epochs, train_size=args.train_size, seed=args.seed)
 
 
 def accuracy(model: nn.Module, dataset, batch_size: int = 1000) -> float:
@@ -73,9 +89,6 @@ def train_with_checkpoints(model: nn.Module, dataset, out_dir: str | Path, epoch
 
 def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | None = None,
              train_size: int | None = None, seed: int = 0) -> int:
-    from .io.checkpoints import load_into
-    from .models import cnn
-
     torch.manual_seed(seed)
     if data is None:
         data = "fashion-mnist" if fashion_mnist_available() else "digits"

@@ -18,10 +18,27 @@ import numpy as np
 
 from ..errors import ValfreeError
 from ..selection import correlations, gap_to_oracle
-from .selection_io import choose
+from .select import add_selection_arguments, choose
 
 # Metrics where lower is better; any other metric column is taken as higher-is-better (accuracy, mIoU, AP).
 LOWER_IS_BETTER_METRICS = ("loss", "error", "nll", "mse", "fid", "perplexity", "ppl")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report with plots")
+    p.add_argument("scores", help="CSV written by 'valfree score'")
+    p.add_argument("--metrics", default=None, help="CSV of held-out metrics (path or step, then metric columns)")
+    p.add_argument("--metric", default=None, help="which metric column to use (default: the first)")
+    add_selection_arguments(p)
+    p.add_argument("-o", "--output", default="report.html")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    path = write_report(args.scores, args.output, metrics=args.metrics, metric=args.metric, column=args.column,
+                        tail=args.tail, ema=args.ema, mode=args.mode)
+    print(f"wrote {path}")
+    return 0
 
 
 def metric_higher_is_better(name: str) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from valfree.cli import main
-from valfree.demo import accuracy
+from valfree.commands.demo import accuracy
 from valfree.io.checkpoints import load_into
 from valfree.io.data import load_dataset
 from valfree.models import digits_cnn

@@ -2,7 +2,7 @@
 
 Each rank scores every ``world``-th checkpoint not yet in the output, writes its rows to a part file,
 and rank 0 folds the parts into the output in step order, which is the order in which one process
-appends them. The CLI wraps its call of :func:`valfree.io.scoring.score_checkpoints` in
+appends them. ``valfree score`` wraps its call of :func:`valfree.commands.score.score_checkpoints` in
 :func:`torchrun_scoring`; outside torchrun that is a one-rank run writing the output directly.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import collective_device, rank_and_world
+from ..integrations.distributed import collective_device, rank_and_world
+from ..io.results import ResultsStore, checkpoint_key
 
 
 @dataclass
@@ -44,15 +45,8 @@ class ScoringRun:
 
     def share(self, refs: list) -> list:
         """This rank's checkpoints: those not yet in ``out``, dealt round-robin in step order."""
-        from ..io.checkpoints import file_identity
-        from ..io.results import ResultsStore
-
         done = ResultsStore(self.out).done_keys() if self.out.exists() else set()
-        todo = []
-        for ref in refs:
-            path, size, mtime = file_identity(ref.path)
-            if (path, str(size), f"{mtime:.6f}") not in done:
-                todo.append(ref)
+        todo = [ref for ref in refs if checkpoint_key(ref.path) not in done]
         self.skipped = len(refs) - len(todo)
         return todo[self.rank:: self.world]
 
@@ -69,8 +63,6 @@ def merge_parts(out: str | os.PathLike) -> int:
     one a single process writes. Returns the number of rows merged. Safe to run on leftovers of an
     interrupted run: rows already in ``out`` with the same key are replaced, not duplicated.
     """
-    from ..io.results import ResultsStore
-
     out = Path(out)
     parts = sorted(out.parent.glob(f"{out.name}.rank*.part"))
     if not parts:

@@ -14,7 +14,7 @@ from valfree.probes.presets import PRESETS
 
 from . import preset_models as pm
 
-MOD = "tests.cli.preset_models"
+MOD = "tests.commands.preset_models"
 
 
 def save_two_checkpoints(factory, folder):

@@ -9,7 +9,7 @@ from valfree import prune
 from valfree.cli import main
 from valfree.pruning import load_pruned, read_pruned_info
 
-FACTORY = f"{Path(__file__).with_name('models_for_cli.py')}:tiny_digits_cnn"
+FACTORY = f"{Path(__file__).with_name('prune_models.py')}:tiny_digits_cnn"
 
 
 @pytest.fixture

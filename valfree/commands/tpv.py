@@ -10,39 +10,69 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-from torch.utils.data import Dataset, TensorDataset
-
 from ..errors import ValfreeError
+from ..io.checkpoints import CheckpointRef, discover_checkpoints, load_into
+from ..io.data import inputs_only, load_dataset, probe_batch
+from ..io.factory import build_model
+from ..io.results import STATUS_OK, ResultsStore, checkpoint_key
 from ..tpv import METHODS, Quantization, SGDNoise, parse_noise, tpv, tpv_stability
+from ..tpv.estimators import OUTPUTS
 from ..tpv.ranking import peak
-from .checkpoints import discover_checkpoints, file_identity, load_into
-from .data import load_dataset, probe_batch, split_sample
-from .factory import build_model
-from .results import STATUS_FAILED, STATUS_OK, ResultsStore
+from . import EXIT_PARTIAL_FAILURE
+from .checkpoint_loop import CheckpointLoop, RunSummary
 
 # Columns that must agree for rows of one CSV to be comparable.
 CONFIG_COLUMNS = ("noise", "method", "outputs", "data", "test_data", "n_inputs")
 
 
-@dataclass
-class TPVRun:
-    """What a ``valfree tpv`` run did, and the text it prints."""
+def add_parser(sub) -> None:
+    p = sub.add_parser("tpv", help="test prediction variance of checkpoints under quantization, pruning, SGD or label noise")
+    p.add_argument("checkpoints", nargs="+", help="a folder, a glob, or checkpoint files")
+    p.add_argument("--model", action="append", default=[],
+                   help="MODULE:FACTORY returning the nn.Module; repeat once per checkpoint to compare architectures")
+    p.add_argument("--data", required=True, help="training data spec; only its inputs are used (labels only for sgd curvature=hessian)")
+    p.add_argument("--test-data", default=None, help="data spec whose test split's inputs give the test TPV (labels never read)")
+    p.add_argument("--noise", required=True,
+                   help="quant:8 | quant:4:channel | quant:8:global | iso:1e-3 | sgd:lr=0.1,batch=128[,curvature=hessian] | label:0.1 | prune:0.3")
+    p.add_argument("--method", default="trace", choices=list(METHODS))
+    p.add_argument("--probes", type=int, default=None, help="probes per input (trace) or draws (monte_carlo)")
+    p.add_argument("--inputs", type=int, default=512, help="how many inputs to draw from each split")
+    p.add_argument("--outputs", default="logits", choices=list(OUTPUTS))
+    p.add_argument("--skip", action="append", default=[], help="module kept in full precision under quantization ('head' = the classifier)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="tpv.csv", help="results CSV, one row per checkpoint; rerunning skips those done")
+    p.add_argument("--plot", default=None, help="PNG path (default with --test-data: next to --out)")
+    p.add_argument("--rank", action="store_true", help="list checkpoints from lowest to highest TPV instead of by step")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
 
-    out: str
+
+def run(args) -> int:
+    result = run_tpv(
+        args.checkpoints, args.model, args.data, args.noise, test_data=args.test_data, method=args.method,
+        probes=args.probes, inputs=args.inputs, seed=args.seed, outputs=args.outputs, out=args.out, plot=args.plot,
+        device=args.device, skip=tuple(args.skip), batch_size=args.batch_size, progress=not args.quiet,
+    )
+    print(result.describe(rank=args.rank))
+    return EXIT_PARTIAL_FAILURE if result.failed else 0
+
+
+@dataclass
+class TPVRun(RunSummary):
+    """What a ``valfree tpv`` run did (the counts and failures every run over checkpoints reports), the
+    rows of its checkpoints, the plot, and the text it prints."""
+
+    verb: str = "measured"
     rows: list[dict] = field(default_factory=list)
-    scored: int = 0
-    skipped: int = 0
-    failed: int = 0
-    note: str | None = None
     plot: str | None = None
 
     def describe(self, rank: bool = False) -> str:
-        return format_table(self.rows, rank) + "\n" + self._footer()
+        return tpv_table(self.rows, rank) + "\n" + self._footer()
 
     def _footer(self) -> str:
         lines = []
@@ -55,22 +85,10 @@ class TPVRun:
             where = ("an interior peak: the run turns from fitting to the double-descent phase there" if interior
                      else "at an end of the run, so no interior peak")
             lines.append(f"argmax-TPV checkpoint: step {step}, {where}")
-        lines.append(f"measured {self.scored}, skipped {self.skipped} already in {self.out}, failed {self.failed}")
-        lines += [f"  failed: {r['path']}: {r['error']}" for r in self.rows if r.get("status") == STATUS_FAILED]
+        lines += [self.counts()] + self.failure_lines()
         if self.plot:
             lines.append(f"plot: {self.plot}")
         return "\n".join(lines)
-
-
-def inputs_only(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
-    """A fixed, seeded batch of inputs (the same draw as :func:`probe_batch`); labels are not touched."""
-    n = len(dataset)
-    if n == 0:
-        raise ValfreeError("the dataset is empty, so no inputs can be drawn.")
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)].sort().values
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0][idx]
-    return torch.stack([torch.as_tensor(split_sample(dataset[int(i)])[0]) for i in idx])
 
 
 def _fmt(value, stderr) -> str:
@@ -80,7 +98,7 @@ def _fmt(value, stderr) -> str:
         return "-"
 
 
-def format_table(rows: list[dict], rank: bool = False) -> str:
+def tpv_table(rows: list[dict], rank: bool = False) -> str:
     """A plain-text table: step, checkpoint, TPV ± stderr (and test TPV, ratio, verdict when measured)."""
     ok = [r for r in rows if r.get("status") == STATUS_OK]
     if rank:
@@ -185,31 +203,18 @@ def run_tpv(
               "test_data": test_data or "", "n_inputs": x_train.shape[0]}
     store = ResultsStore(out)
     _check_config(store, config)
-    done = store.done_keys()
     run = TPVRun(out=str(out), note=note)
-    bar = _progress(len(refs), progress)
-    try:
-        for ref, spec in zip(refs, specs):
-            ident = file_identity(ref.path)
-            key = (ident[0], str(ident[1]), f"{ident[2]:.6f}")
-            if key in done:
-                run.skipped += 1
-                bar.update(1)
-                continue
-            row = {"step": ref.step, "path": ident[0], "size": ident[1], "mtime": ident[2], "model": spec, **config}
-            try:
-                row.update(_measure(spec, ref.path, x_train, x_test, noise, method, probes, seed, outputs, batch_size, device))
-                row.update(status=STATUS_OK, error="")
-                run.scored += 1
-            except Exception as exc:  # one bad checkpoint must not stop the other ninety-nine
-                message = str(exc) if isinstance(exc, ValfreeError) else f"{type(exc).__name__}: {exc}"
-                row.update(status=STATUS_FAILED, error=message.strip().splitlines()[0] if message.strip() else type(exc).__name__)
-                run.failed += 1
-            store.append(row)
-            bar.update(1)
-    finally:
-        bar.close()
-    keys = {file_identity(r.path)[0] for r in refs}
+    spec_of = {ref.path: spec for ref, spec in zip(refs, specs)}
+
+    estimator = dict(probes=probes, seed=seed, outputs=outputs, batch_size=batch_size)
+
+    def measure(ref: CheckpointRef) -> dict:
+        model = load_into(build_model(spec_of[ref.path]), ref.path).to(device)
+        return _tpv_columns(model, x_train, x_test, noise, method, estimator)
+
+    CheckpointLoop(refs, store, run).run(measure, columns=lambda ref: {"model": spec_of[ref.path], **config},
+                                         desc="tpv", progress=progress)
+    keys = {checkpoint_key(r.path)[0] for r in refs}
     run.rows = [r for r in store.rows() if r.get("path") in keys]
     run.rows.sort(key=lambda r: int(r["step"]))
     if plot or (x_test is not None and any(r.get("status") == STATUS_OK for r in run.rows)):
@@ -217,15 +222,11 @@ def run_tpv(
     return run
 
 
-def _measure(spec, path, x_train, x_test, noise, method, probes, seed, outputs, batch_size, device) -> dict:
-    model = build_model(spec)
-    load_into(model, path)
-    model.to(device)
-    kwargs = dict(probes=probes, seed=seed, outputs=outputs, batch_size=batch_size)
+def _tpv_columns(model, x_train, x_test, noise, method: str, estimator: dict) -> dict:
+    """The TPV columns of one model: on the training inputs, and with test inputs the stability columns."""
     if x_test is None:
-        est = tpv(model, x_train, noise, method, **kwargs)
-        return _estimate_columns(est, "")
-    result = tpv_stability(model, x_train, x_test, noise, method, **kwargs)
+        return _estimate_columns(tpv(model, x_train, noise, method, **estimator), "")
+    result = tpv_stability(model, x_train, x_test, noise, method, **estimator)
     row = _estimate_columns(result.train, "")
     row.update(_estimate_columns(result.test, "test_"))
     row.update(ratio=result.ratio, ratio_low=result.ratio_low, ratio_high=result.ratio_high, verdict=result.verdict)
@@ -239,19 +240,3 @@ def _estimate_columns(est, prefix: str) -> dict:
     else:
         cols[f"{prefix}seconds"] = round(est.seconds, 4)
     return {k: (v if not (isinstance(v, float) and math.isnan(v)) else "nan") for k, v in cols.items()}
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="tpv", unit="ckpt", file=sys.stderr, leave=False)

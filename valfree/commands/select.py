@@ -9,11 +9,33 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ValfreeError
-from ..selection import Selection, select_checkpoint
-from .results import STATUS_OK, read_scores
+from ..io.hf_state import rows_from_trainer_state
+from ..io.results import STATUS_OK, read_scores
+from ..selection import MODES, Selection, select_checkpoint
 
 # Signals where larger means better; every other column is minimised.
 HIGHER_IS_BETTER = {"confidence", "margin"}
+
+
+def add_selection_arguments(p) -> None:
+    """The selection rule's options, shared by ``select`` and ``report``."""
+    p.add_argument("--column", default="grad_norm", help="score column (grad_norm, score_w, score_z, entropy, ...)")
+    p.add_argument("--tail", default="0.2", help="fraction of the trajectory (0.2) or a count of points (10)")
+    p.add_argument("--ema", type=float, default=3, help="EMA span; 1 disables smoothing")
+    p.add_argument("--mode", default=None, choices=list(MODES), help="default: the column's natural direction")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("select", help="choose a checkpoint from a scores CSV; prints its path last")
+    p.add_argument("scores", help="CSV written by 'valfree score' (or a Hugging Face output folder)")
+    add_selection_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the choice as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    select_from_file(args.scores, column=args.column, tail=args.tail, ema=args.ema, mode=args.mode, as_json=args.json)
+    return 0
 
 
 def natural_mode(column: str) -> str:
@@ -44,8 +66,6 @@ def load_series(source: str, column: str) -> tuple[list[dict], np.ndarray, np.nd
     """Rows, steps and scores of ``column``; failed rows get a NaN score so they show up as invalid."""
     p = Path(source)
     if p.is_dir():
-        from .hf_state import rows_from_trainer_state
-
         rows = rows_from_trainer_state(p)
     else:
         rows = read_scores(p)
@@ -70,7 +90,7 @@ def choose(source: str, column: str = "grad_norm", tail="0.2", ema: float = 3, m
     return rows, steps, scores, selection
 
 
-def format_table(rows: list[dict], steps: np.ndarray, scores: np.ndarray, sel: Selection, column: str) -> str:
+def selection_table(rows: list[dict], steps: np.ndarray, scores: np.ndarray, sel: Selection, column: str) -> str:
     order = np.argsort(steps, kind="stable")
     start, stop = sel.window
     window_idx = set(int(i) for i in order[start:stop])
@@ -99,6 +119,6 @@ def select_from_file(source: str, column: str = "grad_norm", tail="0.2", ema: fl
     if as_json:
         print(json.dumps(result, indent=2), file=stream)
     else:
-        print(format_table(rows, steps, scores, sel, column), file=stream)
+        print(selection_table(rows, steps, scores, sel, column), file=stream)
         print(result["path"], file=stream)
     return result
