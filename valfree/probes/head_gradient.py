@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ValfreeError
+from .batches import forward
 from .heads import Head, HeadCapture, capture_head, find_head
 from .losses import centernet_focal_loss
 from .readouts import sigmoid_readout_tensor, softmax_readout_tensor
@@ -413,11 +414,7 @@ def _hard_label_ce_probe(
 
 def call_model(model: nn.Module, inputs):
     """Forward ``inputs`` as a tensor, a tuple of positional arguments, or a dict of keyword arguments."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    return forward(model, inputs)  # mappings (HF BatchEncoding too), filtered to what forward takes
 
 
 def capture_forward(model: nn.Module, inputs, heads: list[Head], train_mode: bool = False) -> list[HeadCapture]:
@@ -468,7 +465,7 @@ def head_gradient(
     targets, multi-hot vectors (``loss="bce"``), or ``"pseudo"``/None for the model's own argmax.
     ``head`` is found with :func:`find_head` when not given. See :class:`HeadGradient` for the fields.
     """
-    found: Head = find_head(model, head)
+    found: Head = find_head(model, head, inputs)
     (cap,) = capture_forward(model, inputs, [found], train_mode)
     return head_gradient_from_features(
         cap.features,
