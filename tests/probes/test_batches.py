@@ -10,9 +10,11 @@ from valfree.integrations.lightning import default_targets
 from valfree.probes.batches import (
     batch_size_of,
     collate,
+    concat,
     forward,
     input_of,
     label_of,
+    logits_of,
     move_to,
     pad_token_id,
     split_batch,
@@ -166,3 +168,27 @@ def test_the_probe_takes_a_collated_dataloader_batch_with_labels_inside():
     # A whole HF batch (labels inside) is fed as keyword arguments too; the traced head ignores the loss entry.
     assert valfree.find_head(model, inputs=batch).name == "classifier"
     assert valfree.head_gradient(model, batch, label_of(batch)).grad_norm == pytest.approx(full.grad_norm, rel=1e-12)
+
+
+def test_concat_joins_loader_batches_of_different_lengths():
+    a = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 1, 1]]), "labels": torch.tensor([0]),
+         "sentence": ["x y z"]}
+    b = {"input_ids": torch.tensor([[4], [5]]), "attention_mask": torch.tensor([[1], [1]]), "labels": torch.tensor([1, 2]),
+         "sentence": ["u", "v"]}
+    joined = concat([a, b], pad_token_id=7)
+    assert joined["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7], [5, 7, 7]]
+    assert joined["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    assert joined["labels"].tolist() == [0, 1, 2] and joined["sentence"] == ["x y z", "u", "v"]
+    x, y = concat([(torch.zeros(2, 3), torch.tensor([0, 1])), [torch.ones(1, 3), torch.tensor([2])]])
+    assert x.shape == (3, 3) and y.tolist() == [0, 1, 2]
+    with pytest.raises(ValfreeError, match="cannot join"):
+        concat([torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 5, 5)])
+
+
+def test_logits_of_reads_what_models_return():
+    logits, loss = torch.zeros(2, 3), torch.tensor(1.0)
+    assert logits_of(logits) is logits
+    assert logits_of({"loss": loss, "logits": logits}) is logits
+    assert logits_of((None, [logits, loss])) is logits
+    assert logits_of({"embedding": loss, "scores": logits}) is loss  # no logits entry: the first tensor
+    assert logits_of("text") is None

@@ -261,3 +261,29 @@ def test_the_probe_traces_its_own_batch():
     x, y = torch.randn(6, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     assert valfree.head_gradient(model, x, y).grad_norm == pytest.approx(
         valfree.head_gradient(model, x, y, head="out").grad_norm, rel=1e-12)
+
+
+def test_a_model_that_cannot_run_traced_is_found_by_name():
+    class Fussy(BlockMLP):
+        def forward(self, x):
+            if torch._C._is_torch_function_mode_enabled():
+                raise RuntimeError("this model refuses to run under a torch function mode")
+            return super().forward(x)
+
+    model = Fussy()
+    assert valfree.find_head(model, inputs=torch.randn(2, 8)).name == "out"
+    assert valfree.head_gradient(model, torch.randn(2, 8), torch.tensor([0, 1])).batch_size == 2
+
+
+def test_nothing_traced_and_ambiguous_names_say_both():
+    class Averaged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+            self.classifier = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return (self.head(x) + self.classifier(x)) / 2
+
+    with pytest.raises(valfree.ValfreeError, match=r"^no linear layer's output becomes.*several modules.*'head', 'classifier'"):
+        valfree.find_head(Averaged(), inputs=torch.randn(2, 4))

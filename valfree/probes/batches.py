@@ -13,8 +13,9 @@ accepts the same forms:
   model inputs and are left out.
 
 :func:`collate` turns a list of items into one batch of the same form (padding token sequences of
-unequal length), :func:`forward` calls a model on inputs of any form, and :func:`take`,
-:func:`batch_size_of` and :func:`move_to` index, measure and move a batch of any form.
+unequal length) and :func:`concat` joins batches; :func:`forward` calls a model on inputs of any form
+and :func:`logits_of` reads the logits from what it returns; :func:`take`, :func:`batch_size_of` and
+:func:`move_to` index, measure and move a batch of any form.
 """
 
 from __future__ import annotations
@@ -232,3 +233,62 @@ def forward(model: nn.Module, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def logits_of(output):
+    """The tensor a model's output stands for: itself, the ``logits`` entry of a dict or Hugging Face
+    ``ModelOutput`` (which may also hold a loss), or else its first tensor, depth first; None if none."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        values = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = list(output)
+    elif isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    else:
+        return None
+    for v in values:
+        found = logits_of(v)
+        if found is not None:
+            return found
+    return None
+
+
+def concat(batches: Sequence, pad_token_id: int = 0):
+    """One batch from several (e.g. a DataLoader's), in their form, along dim 0. Token tensors
+    (batch, length) of different lengths are padded on the right as :func:`collate` pads them (``input_ids`` with
+    ``pad_token_id``, labels with -100, the rest with 0); text columns are joined."""
+    if not len(batches):
+        raise ValfreeError("cannot join an empty list of batches.")
+    first = batches[0]
+    if isinstance(first, Mapping):
+        keys = list(first)
+        if any(not isinstance(b, Mapping) or set(b) != set(keys) for b in batches):
+            raise ValfreeError(f"the batches differ in their keys; the first has {sorted(keys)}.")
+        return {k: _concat_field(k, [b[k] for b in batches], pad_token_id) for k in keys}
+    if isinstance(first, (tuple, list)) and not _is_text(first):
+        if any(not isinstance(b, (tuple, list)) or len(b) != len(first) for b in batches):
+            raise ValfreeError(f"the batches differ in form: the first is a {type(first).__name__} of {len(first)}.")
+        return tuple(concat([b[i] for b in batches], pad_token_id) for i in range(len(first)))
+    return _concat_field(None, list(batches), pad_token_id)
+
+
+def _concat_field(key, parts: list, pad_token_id: int):
+    if all(isinstance(p, list) and (not p or _is_text(p)) for p in parts):
+        return [v for p in parts for v in p]
+    parts = [torch.as_tensor(p) for p in parts]
+    if len({p.dim() for p in parts}) != 1 or parts[0].dim() == 0:
+        raise ValfreeError(f"cannot join {f'the {key!r} entries' if key else 'the batches'}: their shapes are "
+                           f"{[tuple(p.shape) for p in parts][:4]}.")
+    if parts[0].dim() == 2:  # (batch, tokens): padded batches of different lengths
+        width = max(p.shape[1] for p in parts)
+        value = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=value) if p.shape[1] < width else p
+                 for p in parts]
+    try:
+        return torch.cat(parts)
+    except RuntimeError as exc:
+        raise ValfreeError(f"cannot join {f'the {key!r} entries' if key else 'the batches'}: {exc}") from None

@@ -126,7 +126,10 @@ def find_head(model: nn.Module, head: str | nn.Module | None = None, inputs=None
     remembered = _REMEMBERED.get(model, {}).get(form)
     if remembered in candidates:
         return Head(remembered, model.get_submodule(remembered))
-    traced = traced_heads(model, inputs)
+    try:
+        traced = traced_heads(model, inputs)
+    except Exception:  # a model that cannot run traced (or these inputs) is found by name; a real
+        return _head_by_name(model, candidates)  # input error surfaces again in the probe's own forward
     if traced:
         found = Head(_break_tie(traced), model.get_submodule(_break_tie(traced)))
     else:
@@ -291,28 +294,6 @@ def _storage_ptr(tensor: torch.Tensor) -> int:
         return 0
 
 
-def output_tensor(output):
-    """The tensor a model's output stands for: itself, the ``logits`` entry of a dict or ``ModelOutput``,
-    or else the first tensor in it (depth first). None when it holds no tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if isinstance(output.get("logits"), torch.Tensor):
-            return output["logits"]
-        values = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        values = list(output)
-    elif isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    else:
-        return None
-    for v in values:
-        found = output_tensor(v)
-        if found is not None:
-            return found
-    return None
-
-
 def traced_heads(model: nn.Module, inputs) -> list[str]:
     """Names of the linear-head-shaped modules whose output becomes the model's output, from one
     forward pass on ``inputs`` (in eval mode, under ``torch.no_grad()``; the mode is restored and the
@@ -327,7 +308,7 @@ def traced_heads(model: nn.Module, inputs) -> list[str]:
     A head applied twice is found all the same (the probe then refuses it: its gradient sums over the
     calls).
     """
-    from .batches import forward  # the one way every layer calls a model on a batch
+    from .batches import forward, logits_of  # the one way every layer calls a model and reads its output
 
     modules = [(name, m) for name, m in model.named_modules() if name and is_linear_head(m)]
     constants = {_storage_ptr(t) for t in list(model.parameters()) + list(model.buffers())} - {0}
@@ -351,7 +332,7 @@ def traced_heads(model: nn.Module, inputs) -> list[str]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    y = output_tensor(output)
+    y = logits_of(output)
     if y is None:
         return []
     source = mode.source(y)
