@@ -175,7 +175,8 @@ def collate(items: Sequence, pad_token_id: int = 0):
 
 
 def _length(value) -> int:
-    return int(torch.as_tensor(value).shape[0]) if torch.as_tensor(value).dim() else 1
+    tensor = torch.as_tensor(value)
+    return int(tensor.shape[0]) if tensor.dim() else 1
 
 
 def _collate_field(key, values: list, pad_token_id: int):
