@@ -76,5 +76,8 @@ def test_head_not_called_in_forward():
         def forward(self, x):
             return self.other(x)
 
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    # Traced, the layer that produces the output wins over the name; named by hand, fc is never called.
+    assert valfree.find_head(Net(), inputs=x).name == "other"
     with pytest.raises(valfree.ValfreeError, match="was not called"):
-        valfree.head_gradient(Net(), torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+        valfree.head_gradient(Net(), x, y, head="fc")

@@ -8,16 +8,14 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
+from .batches import forward
 from .heads import Head, HeadCapture, capture_head
 
 
 def call_model(model: nn.Module, inputs):
-    """Forward ``inputs`` as a tensor, a tuple of positional arguments, or a dict of keyword arguments."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    """Forward ``inputs`` as a tensor, a tuple of positional arguments, or a mapping of keyword
+    arguments (HF ``BatchEncoding`` too, filtered to what ``forward`` takes)."""
+    return forward(model, inputs)
 
 
 def parameter_dtype(model: nn.Module) -> torch.dtype:

@@ -381,6 +381,6 @@ def head_gradient(
 
 def probe_model(model: nn.Module, inputs, targets, options: ProbeOptions, train_mode: bool = False) -> HeadGradient:
     """:func:`head_gradient` with its options as one :class:`ProbeOptions`."""
-    found: Head = find_head(model, options.head)
+    found: Head = find_head(model, options.head, inputs)
     (cap,) = capture_forward(model, inputs, [found], train_mode)
     return probe_features(cap.features, cap.logits, targets, found.weight, found.bias, options)
