@@ -14,6 +14,7 @@ from ..errors import ValfreeError
 from ..probes import find_head, head_gradient
 from ..probes.presets import get_preset
 from .checkpoints import CheckpointRef, discover_checkpoints, file_identity, is_hf_checkpoint_dir, load_into
+from .hf_model import build_hf_model
 from .data import load_dataset, probe_batch
 from .factory import build_model
 from .results import STATUS_FAILED, STATUS_OK, ResultsStore
@@ -53,24 +54,6 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.get_default_dtype()
-
-
-def build_hf_model(folder: str) -> nn.Module:
-    """A Hugging Face checkpoint folder as a model, through transformers (safetensors weights only)."""
-    try:
-        import transformers
-    except ImportError:
-        raise ValfreeError(
-            f"{folder} is a Hugging Face checkpoint; install transformers (pip install 'valfree[huggingface]') "
-            "or pass --model MODULE:FACTORY."
-        ) from None
-    config = transformers.AutoConfig.from_pretrained(folder)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        raise ValfreeError(f"{folder}/config.json names no architecture transformers knows ({arch!r}); pass --model.")
-    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    return load_into(model, folder)
 
 
 def score_checkpoints(
