@@ -636,7 +636,7 @@ def _check_torch_legacy(p: Path, size: int, budget: int) -> None:
             if op.name in ("GLOBAL", "STACK_GLOBAL", "REDUCE", "BINPERSID", "NEWOBJ", "INST", "OBJ"):
                 raise CheckpointError(f"{quote_path(p)} is not a readable torch checkpoint: malformed header.")
         start = stream.tell()
-        facts = _scan_pickle(head[start:], p, min(budget, max(size, 1)), "pickle")
+        facts = _scan_pickle(head[start:], p, budget, "pickle")
         declared = sum(facts.storages.values())
         if declared > size:
             raise CheckpointError(

@@ -56,11 +56,12 @@ def _has_key(obj, key: str, depth: int = 0) -> bool:
     return False
 
 
-def read_hf_config(folder: str | os.PathLike) -> tuple[dict, str]:
-    """The folder's config.json as a dict, and the architecture it names, refusing custom code."""
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """The folder's config.json as a dict, refusing custom code (``auto_map``) before anything else."""
     p = Path(folder)
     cfg_path = p / HF_CONFIG_FILE
     if not os.path.lexists(cfg_path):
+        hf_weight_files(p)  # a folder with nothing in it says so, rather than only that its config is missing
         raise IncompleteCheckpoint(
             f"{quote_path(p)} is incomplete: it has no config.json, so valfree cannot tell which model it holds; "
             "pass --model MODULE:FACTORY to score its weights with your own model."
@@ -73,14 +74,20 @@ def read_hf_config(folder: str | os.PathLike) -> tuple[dict, str]:
             f"{quote_path(cfg_path)} asks for custom code (auto_map), which valfree never runs; "
             "pass --model MODULE:FACTORY to score these weights with a model class you trust."
         )
+    return config
+
+
+def config_architecture(config: dict, cfg_path: Path) -> str:
+    """The first architecture a config names, if it is one of transformers' own model classes."""
     archs = config.get("architectures")
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if arch is None or arch not in known_architectures():
+        shown = archs[0] if isinstance(archs, list) and archs else archs
         raise UnsafeCheckpoint(
-            f"{quote_path(cfg_path)} names no model class transformers knows (architectures: "
-            f"{archs[0] if isinstance(archs, list) and archs else archs!r:.80}); pass --model MODULE:FACTORY."
+            f"{quote_path(cfg_path)} names no model class transformers knows (architectures: {shown!r:.80}); "
+            "pass --model MODULE:FACTORY."
         )
-    return config, arch
+    return arch
 
 
 def _config_object(config: dict, cfg_path: Path):
@@ -130,8 +137,9 @@ def build_hf_model(folder: str | os.PathLike, *, max_bytes: int | None = None) -
             "or pass --model MODULE:FACTORY."
         ) from None
     p = Path(folder)
-    config_dict, arch = read_hf_config(p)
+    config_dict = read_hf_config(p)
     files = hf_weight_files(p)  # names what is missing before anything is built
+    arch = config_architecture(config_dict, p / HF_CONFIG_FILE)
     config = _config_object(config_dict, p / HF_CONFIG_FILE)
     cls = getattr(transformers, arch, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
