@@ -140,11 +140,19 @@ def build_hf_model(folder: str | os.PathLike, *, max_bytes: int | None = None) -
     config_dict = read_hf_config(p)
     files = hf_weight_files(p)  # names what is missing before anything is built
     arch = config_architecture(config_dict, p / HF_CONFIG_FILE)
+    weight_bytes = sum(os.stat(f).st_size for f in files if _isfile(f))
+    labels = config_dict.get("num_labels")
+    # transformers builds an id2label entry per label while parsing the config, before any size check
+    # on the model can run; every label needs at least one stored float, so the weights bound it.
+    if isinstance(labels, int) and labels > max(1024, weight_bytes // 4):
+        raise CheckpointTooLarge(
+            f"{quote_path(p / HF_CONFIG_FILE)} declares {labels} labels, more than its {_mib(weight_bytes)} of weights "
+            "can hold; the config is corrupt or hostile."
+        )
     config = _config_object(config_dict, p / HF_CONFIG_FILE)
     cls = getattr(transformers, arch, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise UnsafeCheckpoint(f"{quote_path(p / HF_CONFIG_FILE)} names {arch!r}, which is not a transformers model class.")
-    weight_bytes = sum(os.stat(f).st_size for f in files if _isfile(f))
     limit = max_bytes if max_bytes is not None else max(MIN_BUDGET_BYTES, 4 * weight_bytes)
     try:
         with torch.device("meta"):
