@@ -16,39 +16,55 @@ What a file may allocate is bounded by a budget (:func:`memory_budget`): at leas
 own size, and four times the model's own size when the model is known; ``max_bytes=`` overrides it.
 """
 
+
 from __future__ import annotations
 
 import glob
-import io
-import json
-import math
 import os
-import pickletools
 import re
-import shlex
-import stat
-import struct
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from ..errors import (
-    CheckpointError,
-    CheckpointTooLarge,
-    IncompleteCheckpoint,
-    NonFiniteWeights,
-    UnsafeCheckpoint,
-    ValfreeError,
-)
+from ..errors import CheckpointError, IncompleteCheckpoint, NonFiniteWeights, ValfreeError
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-HF_CONFIG_FILE = "config.json"
+# The checks live in their own modules, one idea each; the names other modules and scripts import
+# from here stay importable from here.
+from .checkpoint_files import (  # noqa: F401
+    CHECKPOINT_SUFFIXES,
+    HF_CONFIG_FILE,
+    HF_INDEX_FILES,
+    HF_WEIGHT_FILES,
+    MAX_JSON_BYTES,
+    MAX_PICKLE_BYTES,
+    MAX_SIZE_ARGUMENT,
+    MIN_BUDGET_BYTES,
+    MiB,
+    _check_regular,
+    _first_line,
+    _isfile,
+    _kind,
+    _mib,
+    _names,
+    _read_json,
+    memory_budget,
+    quote_path,
+    shell_quote,
+)
+from .checkpoint_guard import (  # noqa: F401
+    LIGHTNING_DICT_TYPES,
+    _check_safetensors,
+    _check_torch_legacy,
+    _check_torch_zip,
+    _torch_load,
+    _unsafe_hint,
+)
+from .hf_folders import _is_complete_hf_dir, hf_weight_files, is_hf_checkpoint_dir  # noqa: F401
+from .pickle_scan import _scan_pickle  # noqa: F401
+
 # Keys under which training scripts and frameworks nest the model's weights.
 NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 # When several wrapper prefixes fit the model equally well, the first of these wins, then the
@@ -60,18 +76,6 @@ _STEP_PATTERNS = (
     re.compile(r"(?:^|[^a-z])(?:epoch|ep|iter|it)[=_-]?(\d+)", re.I),
     re.compile(r"(\d+)(?!.*\d)"),
 )
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-\d+$")
-
-MiB = 1 << 20
-# The smallest budget: a file may always allocate this much, whatever its size.
-MIN_BUDGET_BYTES = 256 * MiB
-# JSON side files (config.json, shard indexes, safetensors headers) are small; a huge one is hostile.
-MAX_JSON_BYTES = 64 * MiB
-# The legacy format's pickles (names and shapes, no tensor data) fit in this much.
-MAX_PICKLE_BYTES = 64 * MiB
-# A pickle never legitimately asks bytearray() or a tensor constructor for more than this from a bare size.
-MAX_SIZE_ARGUMENT = 1 * MiB
-
 
 @dataclass(frozen=True)
 class CheckpointRef:
@@ -80,38 +84,6 @@ class CheckpointRef:
     path: str
     step: int
     step_source: str
-
-
-# ---------------------------------------------------------------------------------------------- names
-
-
-def quote_path(path: str | os.PathLike) -> str:
-    """A path as it may appear inside a sentence: Python's repr, so quotes, control characters and
-    bytes that are not UTF-8 (surrogate escapes) are all visible and printable."""
-    return repr(os.fspath(path) if not isinstance(path, bytes) else os.fsdecode(path))
-
-
-def shell_quote(path: str | os.PathLike) -> str:
-    """A path as one shell word that is safe to paste: ``shlex.quote``, or ANSI-C ``$'...'`` quoting
-    (bash, zsh, ksh, POSIX 2024 sh) when the name holds bytes that are not printable UTF-8."""
-    text = os.fspath(path) if not isinstance(path, bytes) else os.fsdecode(path)
-    if text.isprintable():
-        try:
-            text.encode("utf-8")
-            return shlex.quote(text)
-        except UnicodeEncodeError:
-            pass
-    raw = os.fsencode(text)
-    out = []
-    for b in raw:
-        ch = chr(b)
-        if ch in "\\'":
-            out.append("\\" + ch)
-        elif 0x20 <= b < 0x7F:
-            out.append(ch)
-        else:
-            out.append(f"\\x{b:02x}")
-    return "$'" + "".join(out) + "'"
 
 
 # ----------------------------------------------------------------------------------------- discovery
@@ -126,45 +98,6 @@ def step_from_name(path: str | os.PathLike) -> int | None:
         if match:
             return int(match.group(1))
     return None
-
-
-def _isfile(p: Path) -> bool:
-    """A regular file (following symlinks), decided from stat alone: nothing is opened."""
-    try:
-        return stat.S_ISREG(os.stat(p).st_mode)
-    except (OSError, ValueError):
-        return False
-
-
-def _is_complete_hf_dir(p: Path) -> bool:
-    return p.is_dir() and _isfile(p / HF_CONFIG_FILE) and any(_isfile(p / f) for f in HF_WEIGHT_FILES + HF_INDEX_FILES)
-
-
-def is_hf_checkpoint_dir(path: str | os.PathLike) -> bool:
-    """A Hugging Face checkpoint folder, complete or not.
-
-    True for a folder named ``checkpoint-N`` or holding a ``config.json``, a weights file or a shard
-    index. Whether it is complete is decided when it is loaded, which names what is missing, so an
-    incomplete folder becomes a failed row rather than silently disappearing from a run.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        return False
-    if _CHECKPOINT_DIR.match(p.name):
-        return True
-    return any(os.path.lexists(p / f) for f in (HF_CONFIG_FILE,) + HF_WEIGHT_FILES + HF_INDEX_FILES)
-
-
-def _kind(p: str) -> str:
-    try:
-        mode = os.stat(p).st_mode
-    except OSError:
-        return "a broken link"
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return name
-    return "not a regular file"
 
 
 def _mtime(p: str) -> float:
@@ -246,523 +179,6 @@ def discover_checkpoints(sources: str | os.PathLike | Iterable[str | os.PathLike
     return [CheckpointRef(p, i, "mtime") for i, p in enumerate(by_time)], "; ".join(notes)
 
 
-# ------------------------------------------------------------------------------------------- budget
-
-
-def memory_budget(file_bytes: int, expected_bytes: int | None = None, max_bytes: int | None = None) -> int:
-    """How many bytes loading one checkpoint may allocate.
-
-    ``max_bytes`` wins when given. Otherwise the largest of 256 MiB, the file's size (stored tensors
-    can never exceed it) and four times ``expected_bytes``, the model's own size when it is known
-    (room for optimizer state and compression).
-    """
-    if max_bytes is not None:
-        if max_bytes <= 0:
-            raise ValfreeError(f"the memory budget must be positive, got {max_bytes} bytes.")
-        return int(max_bytes)
-    return int(max(MIN_BUDGET_BYTES, file_bytes, 4 * (expected_bytes or 0)))
-
-
-def _mib(n: int) -> str:
-    if n < MiB:
-        return f"{n / 1024:.1f} KiB"
-    return f"{n / MiB:.1f} MiB" if n < (1 << 30) else f"{n / (1 << 30):.2f} GiB"
-
-
-def _too_large(path: Path, what: str, need: int, budget: int) -> CheckpointTooLarge:
-    return CheckpointTooLarge(
-        f"{quote_path(path)} {what} {_mib(need)}, more than the {_mib(budget)} budget for this file; "
-        "if you trust it, raise the budget (max_bytes=, or the --max-bytes option)."
-    )
-
-
-def _bare_size(path: Path, what: str, need: int) -> CheckpointTooLarge:
-    return CheckpointTooLarge(
-        f"{quote_path(path)} {what} {_mib(need)} from a bare size, which no weights file does; valfree refuses it."
-    )
-
-
-# --------------------------------------------------------------------------------------- pickle scan
-
-
-class _Global:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-
-class _Call:
-    __slots__ = ("func", "args")
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-
-class _Storage:
-    __slots__ = ("key", "nbytes", "numel")
-
-    def __init__(self, key: str, nbytes: int, numel: int):
-        self.key, self.nbytes, self.numel = key, nbytes, numel
-
-
-class _Opaque:
-    """Anything the scan does not model (a dict being built, the result of BUILD)."""
-
-    __slots__ = ()
-
-
-_OPAQUE = _Opaque()
-
-
-def _storage_element_sizes() -> dict[str, int]:
-    import warnings
-
-    sizes: dict[str, int] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TypedStorage and quantized dtypes warn that they are deprecated
-        for cls in torch._storage_classes:
-            name = f"{cls.__module__}.{cls.__name__}"
-            try:
-                untyped = cls in (torch.UntypedStorage, torch.storage.TypedStorage)
-                sizes[name] = 1 if untyped else torch.empty(0, dtype=cls.dtype).element_size()
-            except Exception:
-                sizes[name] = 8
-    return sizes
-
-
-_STORAGE_SIZES: dict[str, int] | None = None
-_TENSOR_CONSTRUCTORS = {f"{c.__module__}.{c.__name__}" for c in torch._tensor_classes} | {
-    "torch.Tensor", "torch._tensor.Tensor", "torch.UntypedStorage", "torch.storage.UntypedStorage",
-    "torch.storage.TypedStorage", "torch.nn.parameter.Parameter",
-}
-_BYTE_CONSTRUCTORS = {"builtins.bytearray", "builtins.bytes", "__builtin__.bytearray", "__builtin__.bytes"}
-_VIEW_REBUILDS = {"torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
-                  "torch._utils._rebuild_qtensor"}
-_CONST_OPS = {
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING",
-    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
-    "BINUNICODE8", "BYTEARRAY8",
-}
-
-
-@dataclass
-class _PickleFacts:
-    storages: dict[str, int] = field(default_factory=dict)  # key -> declared bytes
-    allocated: int = 0  # bytes that calls in the pickle itself would allocate
-
-
-def _ints(x) -> list[int] | None:
-    """A tuple/list of ints (or a torch.Size of one), as a list; None otherwise."""
-    if isinstance(x, _Call) and isinstance(x.func, _Global) and x.func.name == "torch.Size" and x.args:
-        x = x.args[0]
-    if isinstance(x, (tuple, list)) and all(isinstance(v, int) and not isinstance(v, bool) for v in x):
-        return list(x)
-    return None
-
-
-def _scan_pickle(data: bytes, path: Path, budget: int, what: str = "pickle") -> _PickleFacts:
-    """Walk the pickle's opcodes without executing any, modelling just enough of the stack to see
-    which globals it calls with which sizes, and which storages it declares.
-
-    Raises :class:`CheckpointTooLarge` when the calls or storages would allocate more than ``budget``
-    and :class:`CheckpointError` for opcodes no weights file uses. Unknown globals are left to
-    ``torch.load(weights_only=True)`` to refuse, so the refusal keeps its conversion hint.
-    """
-    global _STORAGE_SIZES
-    if _STORAGE_SIZES is None:
-        _STORAGE_SIZES = _storage_element_sizes()
-    facts = _PickleFacts()
-    stack: list = []
-    marks: list[int] = []
-    memo: dict = {}
-
-    def pop_mark() -> list:
-        start = marks.pop()
-        items = stack[start:]
-        del stack[start:]
-        return items
-
-    def account(func, args) -> None:
-        name = func.name if isinstance(func, _Global) else None
-        if name is None or not isinstance(args, tuple):
-            return
-        if name in _BYTE_CONSTRUCTORS:
-            if args and isinstance(args[0], int) and args[0] > MAX_SIZE_ARGUMENT:
-                raise _bare_size(path, f"asks {name.split('.')[-1]}() in its {what} for", args[0])
-            return
-        if name in _TENSOR_CONSTRUCTORS:
-            dims = _ints(args) or (_ints(args[0]) if len(args) == 1 else None)
-            if dims:
-                need = math.prod(abs(d) for d in dims) * 8
-                if need > MAX_SIZE_ARGUMENT:
-                    raise _bare_size(path, f"asks a tensor constructor in its {what} for", need)
-            return
-        if name in _VIEW_REBUILDS and len(args) >= 4:
-            storage, offset, size, strides = args[0], args[1], _ints(args[2]), _ints(args[3])
-            if size is None:
-                return
-            numel = math.prod(abs(s) for s in size)
-            if numel > budget:
-                raise _too_large(path, f"declares in its {what} a tensor of at least", numel, budget)
-            if name == "torch._utils._rebuild_qtensor" or not isinstance(storage, _Storage):
-                facts.allocated += numel * 8
-            elif isinstance(offset, int) and strides is not None and len(strides) == len(size) and numel:
-                extent = offset + sum((s - 1) * st for s, st in zip(size, strides)) + 1
-                if offset < 0 or min(strides, default=0) < 0 or extent > storage.numel:
-                    raise CheckpointError(
-                        f"{quote_path(path)} is not a readable torch checkpoint: a tensor reaches beyond its storage "
-                        f"({extent} elements of {storage.numel})."
-                    )
-            return
-        # Any other allowed call: a bare size argument this large is never part of a weights file.
-        for a in args:
-            if isinstance(a, int) and not isinstance(a, bool) and abs(a) > budget:
-                raise _too_large(path, f"passes in its {what} a size argument of", abs(a), budget)
-
-    def persistent(pid) -> object:
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise CheckpointError(f"{quote_path(path)} is not a readable torch checkpoint: malformed storage record.")
-        stype, key, numel = pid[1], pid[2], pid[4]
-        sname = stype.name if isinstance(stype, _Global) else None
-        if sname not in _STORAGE_SIZES or not isinstance(numel, int) or numel < 0 or not isinstance(key, (str, int)):
-            raise CheckpointError(f"{quote_path(path)} is not a readable torch checkpoint: unknown storage type or size.")
-        nbytes = numel * _STORAGE_SIZES[sname]
-        key = str(key)
-        facts.storages[key] = max(nbytes, facts.storages.get(key, 0))
-        if sum(facts.storages.values()) + facts.allocated > budget:
-            raise _too_large(path, "declares storages of", sum(facts.storages.values()), budget)
-        elements = numel if sname not in ("torch.UntypedStorage", "torch.storage.UntypedStorage") else nbytes
-        return _Storage(key, nbytes, elements)
-
-    try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
-            name = op.name
-            if name in _CONST_OPS:
-                stack.append(arg)
-            elif name == "NONE":
-                stack.append(None)
-            elif name in ("NEWTRUE", "NEWFALSE"):
-                stack.append(name == "NEWTRUE")
-            elif name in ("PROTO", "FRAME"):
-                pass
-            elif name == "STOP":
-                break
-            elif name == "MARK":
-                marks.append(len(stack))
-            elif name == "EMPTY_TUPLE":
-                stack.append(())
-            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-                stack.append([] if name == "EMPTY_LIST" else _Opaque())
-            elif name == "TUPLE":
-                stack.append(tuple(pop_mark()))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                n = int(name[-1])
-                items = tuple(stack[-n:])
-                if len(items) != n:
-                    raise IndexError("stack underflow")
-                del stack[-n:]
-                stack.append(items)
-            elif name == "LIST":
-                stack.append(pop_mark())
-            elif name in ("DICT", "FROZENSET"):
-                pop_mark()
-                stack.append(_Opaque())
-            elif name == "APPEND":
-                v = stack.pop()
-                if isinstance(stack[-1], list):
-                    stack[-1].append(v)
-            elif name == "APPENDS":
-                items = pop_mark()
-                if isinstance(stack[-1], list):
-                    stack[-1].extend(items)
-            elif name == "SETITEM":
-                del stack[-2:]
-                stack[-1]  # noqa: B018 - the target must exist
-            elif name in ("SETITEMS", "ADDITEMS"):
-                pop_mark()
-                stack[-1]  # noqa: B018
-            elif name == "POP":
-                stack.pop()
-            elif name == "POP_MARK":
-                pop_mark()
-            elif name == "DUP":
-                stack.append(stack[-1])
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo[arg])
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1]
-            elif name == "MEMOIZE":
-                memo[len(memo)] = stack[-1]
-            elif name == "GLOBAL":
-                stack.append(_Global(".".join(str(arg).split(" ", 1))))
-            elif name == "STACK_GLOBAL":
-                qual, module = stack.pop(), stack.pop()
-                if not isinstance(qual, str) or not isinstance(module, str):
-                    raise CheckpointError(f"{quote_path(path)} is not a readable torch checkpoint: malformed global.")
-                stack.append(_Global(f"{module}.{qual}"))
-            elif name == "REDUCE":
-                args = stack.pop()
-                func = stack.pop()
-                account(func, args)
-                stack.append(_Call(func, args))
-            elif name == "NEWOBJ":
-                args = stack.pop()
-                cls = stack.pop()
-                account(cls, args)
-                stack.append(_Call(cls, args))
-            elif name == "NEWOBJ_EX":
-                stack.pop()
-                args = stack.pop()
-                cls = stack.pop()
-                account(cls, args)
-                stack.append(_Call(cls, args))
-            elif name == "OBJ":
-                items = pop_mark()
-                account(items[0], tuple(items[1:]))
-                stack.append(_Call(items[0], tuple(items[1:])))
-            elif name == "INST":
-                items = pop_mark()
-                func = _Global(".".join(str(arg).split(" ", 1)))
-                account(func, tuple(items))
-                stack.append(_Call(func, tuple(items)))
-            elif name == "BUILD":
-                stack.pop()
-                stack[-1]  # noqa: B018
-            elif name == "BINPERSID":
-                stack.append(persistent(stack.pop()))
-            elif name == "PERSID":
-                raise CheckpointError(f"{quote_path(path)} is not a readable torch checkpoint: text persistent ids.")
-            else:  # EXT1/2/4 (the copyreg registry), out-of-band buffers: never in a weights file
-                raise UnsafeCheckpoint(
-                    f"{quote_path(path)} uses the pickle opcode {name}, which no weights file needs; valfree refuses it."
-                )
-            if facts.allocated + sum(facts.storages.values()) > budget:
-                raise _too_large(path, f"would allocate in its {what}", facts.allocated + sum(facts.storages.values()), budget)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # truncated or malformed opcodes, stack underflow, unknown memo keys
-        raise CheckpointError(
-            f"{quote_path(path)} is not a readable torch checkpoint (its {what} is corrupt: {_first_line(str(exc)) or type(exc).__name__})."
-        ) from None
-    return facts
-
-
-# ------------------------------------------------------------------------------------ format checks
-
-_ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _check_regular(p: Path) -> int:
-    """The file's size; refuses anything that is not a regular file before anything opens it."""
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise CheckpointError(f"{quote_path(p)} does not exist.") from None
-    except OSError as exc:
-        raise CheckpointError(f"{quote_path(p)} cannot be read ({exc.strerror or type(exc).__name__}).") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{quote_path(p)} is {_kind(str(p))}, not a checkpoint file.")
-    return st.st_size
-
-
-def _check_torch_zip(p: Path, budget: int) -> None:
-    """Every member's CRC and size, then the pickle's calls and storages, before torch reads a byte."""
-    try:
-        with zipfile.ZipFile(p) as zf:
-            infos = zf.infolist()
-            names = [i.filename for i in infos]
-            if len(set(names)) != len(names):
-                raise CheckpointError(f"{quote_path(p)} is not a readable torch checkpoint: its zip repeats a member name.")
-            # miniz (torch's zip reader) treats the MS-DOS folder attribute as "a folder, no data", and
-            # reads encrypted members as garbage: both would load other weights than the CRCs vouch for.
-            odd = [i.filename for i in infos if i.external_attr & 0x10 or i.flag_bits & 0x1 or i.filename.endswith("/")]
-            if odd:
-                raise CheckpointError(
-                    f"{quote_path(p)} is not a readable torch checkpoint: its zip marks {odd[0]!r} as a folder or encrypted."
-                )
-            total = sum(i.file_size for i in infos)
-            if total > budget:
-                raise _too_large(p, "would decompress to", total, budget)
-            pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
-            tops = {n.split("/", 1)[0] for n in names}
-            if len(pkls) != 1 or len(tops) != 1:
-                raise CheckpointError(
-                    f"{quote_path(p)} is not a readable torch checkpoint: a zip without exactly one <name>/data.pkl."
-                )
-            # Reading every member checks its CRC: a bit flip fails here instead of loading altered weights.
-            for info in infos:
-                with zf.open(info) as member:
-                    while member.read(4 * MiB):
-                        pass
-            prefix = pkls[0][: -len("data.pkl")]
-            facts = _scan_pickle(zf.read(pkls[0]), p, budget, "pickle")
-            sizes = {i.filename: i.file_size for i in infos}
-            for key, nbytes in facts.storages.items():
-                record = f"{prefix}data/{key}"
-                if record not in sizes:
-                    raise CheckpointError(f"{quote_path(p)} is not a readable torch checkpoint: storage {key!r} is missing.")
-                if sizes[record] < nbytes:
-                    raise CheckpointError(
-                        f"{quote_path(p)} is not a readable torch checkpoint: storage {key!r} declares "
-                        f"{nbytes} bytes but holds {sizes[record]}."
-                    )
-    except CheckpointError:
-        raise
-    except Exception as exc:  # BadZipFile (CRC, headers), zlib errors, truncation, EOF
-        raise CheckpointError(
-            f"{quote_path(p)} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(str(exc))})."
-        ) from None
-
-
-def _check_torch_legacy(p: Path, size: int, budget: int) -> None:
-    """The pre-zip format: five pickles then raw storages. Storages are allocated from the sizes the
-    pickle declares before their bytes are read, so every declared byte must fit in the file."""
-    try:
-        with open(p, "rb") as f:
-            # The pickles come before the raw storages and are small; a bounded prefix holds them.
-            head = f.read(min(size, MAX_PICKLE_BYTES))
-        stream = io.BytesIO(head)
-        values = []
-        for _ in range(2):  # the magic number, then the protocol version: small constants
-            ops = list(_bounded_genops(stream, 64))
-            values.append(next((a for op, a, _pos in ops if op.name.startswith(("LONG", "BININT", "INT"))), None))
-        if values[0] != _LEGACY_MAGIC:
-            raise CheckpointError(
-                f"{quote_path(p)} is not a readable torch checkpoint (neither torch's zip format nor its legacy format)."
-            )
-        for op, _arg, _pos in _bounded_genops(stream, 10_000):  # sys_info: a small dict of ints and bools
-            if op.name in ("GLOBAL", "STACK_GLOBAL", "REDUCE", "BINPERSID", "NEWOBJ", "INST", "OBJ"):
-                raise CheckpointError(f"{quote_path(p)} is not a readable torch checkpoint: malformed header.")
-        start = stream.tell()
-        facts = _scan_pickle(head[start:], p, budget, "pickle")
-        declared = sum(facts.storages.values())
-        if declared > size:
-            raise CheckpointError(
-                f"{quote_path(p)} is not a readable torch checkpoint: it declares {declared} bytes of tensors in a {size}-byte file."
-            )
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(
-            f"{quote_path(p)} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(str(exc))})."
-        ) from None
-
-
-def _bounded_genops(stream: io.BytesIO, max_ops: int):
-    for n, item in enumerate(pickletools.genops(stream)):
-        if n > max_ops:
-            raise ValueError("header pickle too long")
-        yield item
-        if item[0].name == "STOP":
-            return
-
-
-_SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8, "C128": 16,
-}
-
-
-def _check_safetensors(p: Path, size: int, budget: int) -> None:
-    """The header's length and every tensor's dtype, shape and byte range, against the file and the budget."""
-    bad = f"{quote_path(p)} is not a readable safetensors file"
-    try:
-        with open(p, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{bad} (shorter than its 8-byte header length).")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > MAX_JSON_BYTES:
-                raise CheckpointError(f"{bad} (its header claims {n} bytes in a {size}-byte file).")
-            header = json.loads(f.read(n))
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{bad} (header: {_first_line(str(exc)) or type(exc).__name__}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{bad} (its header is not a JSON object).")
-    data_len = size - 8 - n
-    total = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{bad} (tensor {name!r} has no description).")
-        shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
-        if (_ints(shape) is None or any(s < 0 for s in shape) or _ints(offsets) is None or len(offsets) != 2
-                or not 0 <= offsets[0] <= offsets[1] <= data_len or not isinstance(dtype, str)):
-            raise CheckpointError(f"{bad} (tensor {name!r} declares a shape or byte range outside the file).")
-        width = _SAFETENSORS_DTYPE_BYTES.get(dtype)
-        if width is not None and math.prod(shape) * width != offsets[1] - offsets[0]:
-            raise CheckpointError(f"{bad} (tensor {name!r}: its shape does not match its byte range).")
-        total += offsets[1] - offsets[0]
-    if total > budget:
-        raise _too_large(p, "holds tensors of", total, budget)
-
-
-# -------------------------------------------------------------------------------------- torch.load
-
-_UNSAFE_HINT = (
-    "it needs arbitrary unpickling, which valfree refuses for untrusted files; if you trust it, convert it once with "
-    "python -c \"import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
-    "torch.save(getattr(m, 'state_dict', lambda: m)(), sys.argv[1] + '.weights.pt')\" {q} "
-    "and score the .weights.pt file."
-)
-
-
-def _unsafe_hint(path: Path) -> str:
-    return _UNSAFE_HINT.format(q=shell_quote(path))
-
-
-def _torch_load(path: Path, budget: int | None = None):
-    size = _check_regular(path)
-    budget = memory_budget(size) if budget is None else budget
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    # The same test torch.load uses to choose the zip reader: the file's first bytes.
-    if magic == _ZIP_MAGIC:
-        _check_torch_zip(path, budget)
-    else:
-        _check_torch_legacy(path, size, budget)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        text = str(exc)
-        # Only a pickled class or function (a GLOBAL opcode) means "unsafe"; other unpickler errors are corruption.
-        if "GLOBAL" in text:
-            extra = _lightning_safe_load(path)
-            if extra is not None:
-                return extra
-            raise UnsafeCheckpoint(f"{quote_path(path)} cannot be loaded safely: " + _unsafe_hint(path)) from None
-        raise CheckpointError(
-            f"{quote_path(path)} is not a readable torch checkpoint ({type(exc).__name__}: {_first_line(text)})."
-        ) from None
-
-
-# Lightning pickles hyper-parameters as AttributeDict, a plain dict subclass. Reading it as a dict
-# keeps the load weights-only and works without Lightning installed.
-LIGHTNING_DICT_TYPES = (
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning_fabric.utilities.data.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
-)
-
-
-def _lightning_safe_load(path: Path):
-    try:
-        with torch.serialization.safe_globals([(dict, name) for name in LIGHTNING_DICT_TYPES]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0][:200] if text else "no detail"
-
-
 def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, nn.Module):  # cannot happen with weights_only, kept for in-memory callers
         return obj.state_dict()
@@ -777,61 +193,6 @@ def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(
         f"{quote_path(path)} holds no tensors at the top level nor under any of {', '.join(NESTED_STATE_KEYS)}; "
         "save model.state_dict() instead."
-    )
-
-
-# ------------------------------------------------------------------------------ Hugging Face folders
-
-
-def _read_json(path: Path, what: str):
-    size = _check_regular(path)
-    if size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{quote_path(path)} is {_mib(size)}, too large for a {what}.")
-    try:
-        return json.loads(path.read_bytes())
-    except Exception as exc:
-        raise CheckpointError(f"{quote_path(path)} is not a readable {what} ({_first_line(str(exc))}).") from None
-
-
-def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a Hugging Face checkpoint folder, shards included, each checked to exist.
-
-    Raises :class:`IncompleteCheckpoint` naming what is missing: no weights at all, an index without
-    its shards, or a shard name that points outside the folder.
-    """
-    p = Path(folder)
-    for name in HF_WEIGHT_FILES:
-        if os.path.lexists(p / name):
-            return [p / name]
-    for name in HF_INDEX_FILES:
-        index_path = p / name
-        if not os.path.lexists(index_path):
-            continue
-        index = _read_json(index_path, "shard index")
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise IncompleteCheckpoint(f"{quote_path(index_path)} has no weight_map naming its shards.")
-        shards = sorted(set(weight_map.values()))
-        outside = [s for s in shards if s != os.path.basename(s) or s in ("", ".", "..") or "\\" in s]
-        if outside:
-            raise UnsafeCheckpoint(
-                f"{quote_path(index_path)} names shards outside its folder ({', '.join(map(quote_path, outside[:3]))}); valfree refuses it."
-            )
-        if name.startswith("model.safetensors") and not all(s.endswith(".safetensors") for s in shards):
-            raise CheckpointError(f"{quote_path(index_path)} names shards that are not .safetensors files.")
-        missing = [s for s in shards if not _isfile(p / s)]
-        if missing:
-            raise IncompleteCheckpoint(
-                f"{quote_path(p)} is incomplete: {len(missing)} of the {len(shards)} shards named in {name} "
-                f"{'is' if len(missing) == 1 else 'are'} missing ({', '.join(map(quote_path, missing[:3]))}"
-                f"{' and more' if len(missing) > 3 else ''}); the save was probably interrupted."
-            )
-        return [p / s for s in shards]
-    present = sorted(os.listdir(p))[:5] if os.path.isdir(p) else []
-    raise IncompleteCheckpoint(
-        f"{quote_path(p)} is incomplete: it holds no weights ({', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})"
-        + (f", only {', '.join(map(quote_path, present))}" if present else ", nothing at all")
-        + "; the save was probably interrupted."
     )
 
 
@@ -1013,11 +374,6 @@ def load_into(
             )
     model.load_state_dict(state, strict=strict)
     return model
-
-
-def _names(items: list[str], limit: int = 5) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def file_identity(path: str | os.PathLike) -> tuple[str, int, float]:

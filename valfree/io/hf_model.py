@@ -19,17 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, CheckpointTooLarge, IncompleteCheckpoint, UnsafeCheckpoint, ValfreeError
-from .checkpoints import (
-    HF_CONFIG_FILE,
-    MIN_BUDGET_BYTES,
-    _isfile,
-    _mib,
-    _read_json,
-    hf_weight_files,
-    load_into,
-    load_state_dict,
-    quote_path,
-)
+from .checkpoint_files import HF_CONFIG_FILE, MIN_BUDGET_BYTES, _isfile, _mib, _read_json, quote_path
+from .checkpoints import load_into, load_state_dict
+from .hf_folders import hf_weight_files
 
 
 @functools.lru_cache(maxsize=1)
