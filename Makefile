@@ -12,10 +12,12 @@ demo:
 test:
 	bash scripts/dev.sh test
 
-# Seeded fuzzing of checkpoint loading (docs/security.md): 2000 mutated and hostile files, about a minute.
-# FUZZ_COUNT and FUZZ_SEED change its size and seed.
+# Seeded fuzzing (docs/security.md): 2000 mutated and hostile checkpoint files (about a minute), then
+# 500 command lines over every subcommand, 3 rounds of two concurrent score writers and 5 killed and
+# rerun score runs (a few minutes). FUZZ_COUNT, FUZZ_CLI_COUNT and FUZZ_SEED change sizes and seed.
 fuzz: setup
 	nice -n 10 $(PY) -m tests.fuzz.fuzz --count $${FUZZ_COUNT:-2000} --seed $${FUZZ_SEED:-1}
+	nice -n 10 $(PY) -m tests.fuzz.cli_fuzz --count $${FUZZ_CLI_COUNT:-500} --seed $${FUZZ_SEED:-1} --writers 3 --kills 5 --processes 5
 
 bench-probe: setup
 	$(PY) benchmarks/probe_speed.py
