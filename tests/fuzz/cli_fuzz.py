@@ -263,8 +263,12 @@ def fixed_elsewhere(argv: list[str], parser: argparse.ArgumentParser) -> str | N
     device = getattr(ns, "device", None)
     if device in UNAVAILABLE_DEVICES and not (torch.cuda.is_available() and device.startswith("cuda")):
         return "a device this torch lacks"
-    if argv[0] == "report" and os.path.isdir(ns.output or "."):
-        return "report output is a folder"
+    if argv[0] == "report":
+        out = Path(ns.output or ".")
+        if out.is_dir():
+            return "report output is a folder"
+        if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+            return "report output under a file"
     return None
 
 
