@@ -1,6 +1,6 @@
 """``python -m benchmarks.evidence COMMAND``.
 
-- ``train [--grid full|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
+- ``train [--grid full|extended|all|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
   checkpoint on the whole test split (all cached).
 - ``report [--grid full|quick]``: selectors, metrics, JSON results and the markdown report, from the cache.
 - ``run`` = ``train`` then ``report`` for the full grid; ``quick`` = the same for the quick grid.
@@ -14,11 +14,11 @@ import argparse
 import sys
 import time
 
-from .config import cache_for, full_grid, quick_grid
+from .config import all_grid, cache_for, extended_grid, full_grid, quick_grid
 
 
 def grid(name: str):
-    return {"full": full_grid, "quick": quick_grid}[name]()
+    return {"full": full_grid, "quick": quick_grid, "extended": extended_grid, "all": all_grid}[name]()
 
 
 def cmd_train(args) -> int:
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "report", "run", "quick", "sweep", "perf"])
-    parser.add_argument("--grid", choices=["full", "quick"], default=None)
+    parser.add_argument("--grid", choices=["full", "quick", "extended", "all"], default=None,
+                        help="full: the base grid (36 runs); extended: issue 12's regimes; all: both (one cache)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reverse", action="store_true", help="train the grid in reverse order (for a second runner)")
     parser.add_argument("--coverage", action="store_true", help="seed 0 first, then cheap families' other seeds, costly ones last")
