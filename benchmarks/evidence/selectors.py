@@ -16,6 +16,12 @@ import numpy as np
 
 from valfree.selection import UNIVERSAL_PRESET, select_checkpoint
 
+try:  # the rules of issue 12 (valfree.selection.rules); a local stand-in until they land on main
+    from valfree.probes.prediction_changes import label_agreement, prediction_changes
+    from valfree.selection.rules import RULES, label_noise_estimate, select_by_rule
+except ImportError:  # pragma: no cover - removed once main has the module
+    from ._rules_stub import RULES, label_agreement, label_noise_estimate, prediction_changes, select_by_rule  # noqa: F401
+
 UNIVERSAL = (UNIVERSAL_PRESET["tail"], UNIVERSAL_PRESET["ema"])
 WHOLE_RUN = (1.0, 3)
 # Candidate presets for the per-family tuning: tail fraction x EMA span.
@@ -31,6 +37,8 @@ class Run:
     regime: str
     seed: int
     rows: list[dict]
+    # predictions.npz as plain arrays (steps, pred [T, S], index, given, true), where it was recorded
+    pred: dict | None = None
 
     @property
     def steps(self) -> list[float]:
@@ -59,7 +67,16 @@ class Selector:
 
     def available(self, run: Run) -> bool:
         keys = self.needs or ((self.signal,) if self.signal else ())
-        return all(np.isfinite(run.series(k)).all() for k in keys)
+        return all(np.isfinite(defined_part(k, run.series(k))).all() for k in keys)
+
+
+# Series whose first value is undefined by construction (PC_0 has no predecessor).
+UNDEFINED_FIRST = {"pred_change"}
+
+
+def defined_part(key: str, x: np.ndarray) -> np.ndarray:
+    """The part of a series that must be finite: all of it, or all but the first value of PC."""
+    return x[1:] if key in UNDEFINED_FIRST else x
 
 
 def pick(run: Run, signal: str, mode: str, preset: tuple[float, float]) -> int:
@@ -152,6 +169,19 @@ def rank_combination(run: Run, runs: list[Run]) -> int:
     return select_checkpoint(run.steps, combined, tail=1.0, ema=1, mode="min").index
 
 
+# Columns the rules read, named as in the scores CSV, from the benchmark's row keys.
+RULE_COLUMNS = {"grad_norm": "hg_grad_norm", "pred_change": "pred_change", "label_agreement": "label_agreement"}
+
+
+def rule_columns(run: Run) -> dict[str, np.ndarray]:
+    return {col: run.series(key) for col, key in RULE_COLUMNS.items()}
+
+
+def rule_selector(rule: str) -> Callable[[Run, list[Run]], int]:
+    """valfree's selection rule ``rule`` on the run's probe score, PC and label agreement (default options)."""
+    return lambda run, runs: int(select_by_rule(rule, run.steps, rule_columns(run)).index)
+
+
 def argbest(key: str, mode: str) -> Callable[[Run, list[Run]], int]:
     """Whole-run argmax/argmin of a labelled series with no smoothing (validation sets, oracle)."""
     return lambda run, runs: select_checkpoint(run.steps, run.series(key), tail=1.0, ema=1, mode=mode).index
@@ -175,6 +205,11 @@ def all_selectors(val_sizes=(100, 500, 1000)) -> list[Selector]:
         Selector("hg_tpv_rank", "mean rank of head gradient and Tr(H_eff), whole run", "remedy", rank_combination, "hg_grad_norm", needs=("hg_grad_norm", "tpv_trace")),
         Selector("ww_alpha", "WeightWatcher alpha (data-free), universal preset", "data-free", preset_selector("ww_alpha", "min"), "ww_alpha"),
         Selector("ww_alpha_whole_run", "WeightWatcher alpha (data-free), whole-run argmin", "data-free", preset_selector("ww_alpha", "min", WHOLE_RUN), "ww_alpha"),
+    ]
+    for rule in RULES:  # every rule valfree offers, by its name (no rule is hard-coded here)
+        s.append(Selector(f"rule:{rule}", f"valfree rule {rule!r} (default options)", "rule", rule_selector(rule),
+                          "hg_grad_norm", needs=tuple(RULE_COLUMNS.values())))
+    s += [
         Selector("last", "last checkpoint", "baseline", lambda run, runs: len(run.rows) - 1, constant_by_design=True),
         Selector("min_train_loss", "minimum training loss (fixed training subset)", "baseline", argbest("train_loss", "min"), "train_loss"),
     ]

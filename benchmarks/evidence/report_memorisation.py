@@ -1,0 +1,167 @@
+"""The report's memorisation section (issue 12), rendered from a results JSON's ``memorisation`` key
+and its per-run choices. Numbers only; the lead draws the conclusions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import plots
+
+LABELLED = ("val100", "val500", "val1000")
+
+
+def _f(x, nd=2) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _groups(r: dict) -> list[tuple[str, list[str]]]:
+    """(label, run names) per regime in grid order, then pooled clean / noisy / all."""
+    regimes = r["sizes"]["regimes"]
+    by_reg = {}
+    for name, v in r["per_run"].items():
+        by_reg.setdefault(v["regime"], []).append(name)
+    out = [(reg, by_reg[reg]) for reg in regimes if reg in by_reg]
+    clean = [n for reg, ns in out if regimes[reg]["label_noise"] == 0 for n in ns]
+    noisy = [n for reg, ns in out if regimes[reg]["label_noise"] > 0 for n in ns]
+    return out + [("**clean, pooled**", clean), ("**noisy, pooled**", noisy), ("**all**", clean + noisy)]
+
+
+def _gaps(r: dict, names: list[str], sel: str) -> list[float]:
+    return [r["per_run"][n]["chosen"][sel]["gap"] for n in names if sel in r["per_run"][n]["chosen"]]
+
+
+def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
+    mem = r.get("memorisation")
+    if not mem:
+        return ""
+    rules = mem["rules"]
+    rule_sels = [f"rule:{x}" for x in rules]
+    sels = ["last", "hg_raw", *rule_sels, *LABELLED]
+    regimes = r["sizes"]["regimes"]
+    groups = _groups(r)
+    out = [
+        f"Command: `{r['command']}` (results: `benchmarks/results/evidence_{r['grid']}.json`). Each run records, at every "
+        "checkpoint, the predicted classes (eval mode, argmax) of a fixed seeded subset of its training images, "
+        "min(4096, training set) of them, a superset of the probe batch (`predictions.npz`). From it: **PC** (the share "
+        "whose class changed since the previous checkpoint; no label read) and **label agreement** (the share predicted as "
+        "the label it was trained on). Every valfree rule in `valfree.selection.rules.RULES` runs with its default options "
+        f"({', '.join(f'`{x}`' for x in rules)}), on the columns `grad_norm` (the probe), `pred_change` and `label_agreement`. "
+        "Nothing below was tuned on this grid.",
+    ]
+    if r.get("runs_missing"):
+        out.append(f"**Missing runs ({len(r['runs_missing'])}):** {', '.join(r['runs_missing'])}.")
+    # Gap table per regime: mean (worst run).
+    rows = []
+    for label, names in groups:
+        noise = regimes[label]["label_noise"] if label in regimes else None
+        kind = "" if noise is None else (f"{regimes[label]['noise_type'] if 'noise_type' in regimes[label] else 'symmetric'} {100 * noise:.0f} %" if noise else "clean")
+        row = [label, kind, str(len(names))]
+        for sel in sels:
+            g = _gaps(r, names, sel)
+            row.append(f"{np.mean(g):.2f} ({np.max(g):.2f})" if g else "n/a")
+        best = [100 * r["per_run"][n]["chosen"]["oracle"]["test_acc"] for n in names]
+        row.append(f"{np.mean(best):.2f}")
+        rows.append(row)
+    out += ["### Gap to the best checkpoint per regime",
+            "Points of test accuracy (10k test images) below the best checkpoint of the run: mean over runs (worst run). "
+            "*hg_raw* is the probe alone (universal preset); the oracle column is the best checkpoint's test accuracy (%).",
+            _table(["regime", "labels", "runs", *sels, "oracle acc"], rows)]
+    # Worse than the probe by more than 1 point, and guard firing.
+    rows = []
+    for label, names in groups:
+        row = [label, str(len(names))]
+        for sel in rule_sels:
+            worse = [n for n in names if sel in r["per_run"][n]["chosen"] and "hg_raw" in r["per_run"][n]["chosen"]
+                     and r["per_run"][n]["chosen"][sel]["gap"] > r["per_run"][n]["chosen"]["hg_raw"]["gap"] + 1.0]
+            row.append(str(len(worse)))
+        for rule in rules:
+            fired = [mem["details"][n][rule]["guard_fired"] for n in names if n in mem["details"]]
+            known = [x for x in fired if x is not None]
+            row.append(f"{sum(known)}/{len(known)}" if known else "n/a")
+        rows.append(row)
+    out += ["### Runs where a rule is worse than the probe alone, and how often the guard fired",
+            "Runs where the rule's gap exceeds the probe's (hg_raw) by more than 1 point; then, per rule, runs where its "
+            "memorisation guard fired / runs where the rule reports a guard (n/a: the rule has none).",
+            _table(["regime", "runs", *[f"{s} worse by >1" for s in rule_sels], *[f"{x} guard fired" for x in rules]], rows)]
+    worst = []
+    for sel in rule_sels:
+        bad = sorted(((r["per_run"][n]["chosen"][sel]["gap"] - r["per_run"][n]["chosen"]["hg_raw"]["gap"], n) for n in r["per_run"]
+                      if sel in r["per_run"][n]["chosen"] and "hg_raw" in r["per_run"][n]["chosen"]), reverse=True)
+        bad = [f"{n} (+{d:.2f})" for d, n in bad if d > 1.0]
+        worst.append(f"- `{sel}`: " + (", ".join(bad) if bad else "none"))
+    out += ["Runs worse than the probe by more than 1 point (rule gap minus probe gap):", "\n".join(worst)]
+    # Plots.
+    names = mem.get("plot_runs", [])
+    path = plots.prediction_changes(r, names, img / "evidence_prediction_changes.png")
+    if path:
+        out += ["### PC and label agreement along representative runs",
+                "PC (purple, left axis), label agreement with the given labels (orange) and test accuracy (black, right axis) "
+                "against the epoch; vertical lines: the probe's choice (blue dashed), each rule's (dotted, legend order), the best "
+                "checkpoint (black). A title lists the rules whose guard fired.",
+                f"![prediction changes]({img_prefix}evidence_prediction_changes.png)"]
+        reasons = []
+        for n in names:
+            for rule, d in mem["details"].get(n, {}).items():
+                reasons.append([n, rule, str(d["index"]), _f(d["gap"]), {None: "n/a", True: "yes", False: "no"}[d["guard_fired"]], d["reason"].replace("|", "/")])
+        out.append(_table(["run", "rule", "index", "gap", "guard", "reason"], reasons))
+    # Label-noise estimate.
+    rows = []
+    for label, names in groups:
+        est = [mem["noise"][n] for n in names if n in mem["noise"]]
+        have = [e for e in est if e["estimate"] is not None]
+        if not est:
+            continue
+        true = sorted({e["true_rate"] for e in est})
+        cover = [e["low"] <= e["subset_rate"] <= e["high"] for e in have]
+        rows.append([label, "/".join(f"{100 * t:.0f} %" for t in true), f"{100 * np.mean([e['subset_rate'] for e in est]):.1f} %",
+                     f"{len(have)}/{len(est)}",
+                     f"{100 * np.mean([e['estimate'] for e in have]):.1f} %" if have else "n/a",
+                     f"[{100 * np.mean([e['low'] for e in have]):.1f}, {100 * np.mean([e['high'] for e in have]):.1f}] %" if have else "n/a",
+                     f"{100 * np.mean([abs(e['estimate'] - e['subset_rate']) for e in have]):.1f}" if have else "n/a",
+                     f"{sum(cover)}/{len(cover)}" if have else "n/a"])
+    out += ["### Label-noise estimate against the true rate",
+            "`label_noise_estimate` per run against the regime's rate and the rate actually present in the recorded subset "
+            "(the estimate's target). *estimated*: runs where it returned an estimate; *covered*: runs whose interval holds the "
+            "subset's rate. Mean absolute error in points.",
+            _table(["regime", "true rate", "rate in subset", "estimated", "mean estimate", "mean interval", "MAE", "covered"], rows)]
+    # Subset size.
+    ss = mem["subset_size"]
+    rows = [[str(s["size"]), str(s["runs"]), _f(s["pc_stderr_binomial"], 4), _f(s["pc_stderr_empirical"], 4), _f(s["pc_median"], 4)]
+            for s in ss["sizes"]]
+    out += ["### PC's standard error against the subset size",
+            f"Each size n below the recorded subset S is drawn {ss['draws']} times (without replacement, seeded) from the recorded "
+            "subset, and PC and label agreement are recomputed on it. *binomial*: sqrt(PC (1 - PC) / n), averaged over checkpoints "
+            "and runs (a subset drawn from a large training set); *empirical*: the spread of PC over the draws divided by "
+            "sqrt(1 - n/S) (a check of the binomial; n/a at n = S). Runs whose training set is smaller than n are left out of that row.",
+            _table(["n", "runs", "PC stderr (binomial)", "PC stderr (empirical)", "median PC"], rows)]
+    sizes = [s["size"] for s in ss["sizes"]]
+    rows = []
+    for rule in rules:
+        for group in ("clean", "noisy", "all"):
+            cells = [ss["rule_gaps"].get(f"{rule}|{group}|{n}") for n in sizes]
+            if not any(cells):
+                continue
+            rows.append([rule, group, str(next(c["runs"] for c in cells if c))] +
+                        [f"{c['gap_mean']:.2f} ± {c['gap_draw_std']:.2f} ({c['gap_worst']:.2f})" if c else "n/a" for c in cells])
+    out += ["Each rule's mean gap when PC and label agreement come from n images (runs with a recorded subset of "
+            f"{max(sizes)}): mean over runs of the mean over draws ± the spread of the grid mean over draws (worst run's mean).",
+            _table(["rule", "labels", "runs", *[f"n={n}" for n in sizes]], rows)]
+    # Cost.
+    cost = mem.get("cost") or {}
+    if cost:
+        rows = [[fam, str(c["runs"]), f"{c['subset']:.0f}", _f(c["pred_ms"], 1), _f(c.get("probe_ms"), 1), _f(c["between_ms"], 0),
+                 f"{100 * c['share_of_run']:.2f} %"] for fam, c in cost.items()]
+        out += ["### Cost of the prediction pass",
+                "CPU milliseconds per checkpoint (one torch thread, process time): the prediction pass on the subset (eval-mode "
+                "forward and argmax), the probe (256 images; the signals pass), and the training plus evaluation between two "
+                "checkpoints; last column: the prediction pass as a share of the run's CPU time (training plus per-checkpoint "
+                "evaluation, 30 checkpoints per run). Medians over runs.",
+                _table(["family", "runs", "subset", "prediction pass (ms)", "probe (ms)", "between checkpoints (ms)", "share of run"], rows)]
+    return "\n\n".join(out)
