@@ -31,6 +31,9 @@ def cmd_train(args) -> int:
         cost = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
         first = min(s.seed for s in specs)
         specs = sorted(specs, key=lambda s: (s.seed != first, cost[s.family.name] if s.seed != first else 0, s.seed))
+    if args.cheap_first:  # by family cost (MLP, ViT, CNN, ResNet), seed by seed within a family
+        cost = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
+        specs = sorted(specs, key=lambda s: (cost[s.family.name], s.seed))
     if args.resnet_last:  # the costliest family's last seed goes last: if time runs out, that is what is missing
         last_seed = max(s.seed for s in specs)
         specs = sorted(specs, key=lambda s: s.family.name == "resnet" and s.seed == last_seed)
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reverse", action="store_true", help="train the grid in reverse order (for a second runner)")
     parser.add_argument("--coverage", action="store_true", help="seed 0 first, then cheap families' other seeds, costly ones last")
+    parser.add_argument("--cheap-first", action="store_true", help="cheap families first (MLP, ViT, CNN, ResNet), so that a partial grid misses costly runs")
     parser.add_argument("--resnet-last", action="store_true", help="train the ResNet runs of the last seed after all others")
     args = parser.parse_args(argv)
     if args.command in ("run", "quick"):

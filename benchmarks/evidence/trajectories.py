@@ -54,8 +54,13 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+# Evaluation batch: on one CPU thread the CNN and ResNet evaluate 2-3x faster in batches of 256 than of
+# 1000 (measured under load: 0.5-0.9 against 1.5-2.9 ms per image); eval-mode outputs do not depend on it.
+EVAL_BATCH = 256
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode. Evaluation only, never used by a label-free selector."""
     was = model.training
     model.eval()
@@ -74,7 +79,7 @@ def val_accuracies(model: nn.Module, data: RunData, sizes) -> dict:
     """Accuracy and loss of the first k held-out images for each validation size k (nested sets)."""
     was = model.training
     model.eval()
-    out = model(data.x_val)
+    out = torch.cat([model(data.x_val[i : i + EVAL_BATCH]) for i in range(0, len(data.x_val), EVAL_BATCH)])
     model.train(was)
     hits = (out.argmax(1) == data.y_val).float()
     losses = F.cross_entropy(out, data.y_val, reduction="none")
@@ -130,7 +135,7 @@ def training_steps(spec: RunSpec, model: nn.Module, data, opt, sched, label_smoo
 
 
 @torch.no_grad()
-def predicted_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def predicted_classes(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
     """Argmax classes in eval mode (int16), in batches."""
     was = model.training
     model.eval()
