@@ -1,0 +1,175 @@
+"""Prediction changes during training: on a fixed training subset, or piggybacked on the training
+forward when batches carry sample indices.
+
+Two ways to measure PC_t and LA_t (see :mod:`valfree.probes.prediction_changes`):
+
+- **fixed subset** (:meth:`PredictionTracker.measure`): at each check the model predicts the same
+  seeded subset of training inputs in eval mode, and each element is compared with its prediction at
+  the previous check. This is what ``valfree score`` measures on a folder, so the two agree.
+- **piggyback** (:meth:`PredictionTracker.observe`, then :meth:`PredictionTracker.flush` at a check):
+  no extra forward. Each training batch's predictions are compared with the same samples'
+  predictions when they were last seen, which is Label Wave's own protocol (the official code records
+  predictions in the training forward and compares epochs). It needs the sample indices of the batch.
+
+Under torch.distributed every rank measures its own share (the subset's elements ``rank::world``, or
+its own micro-batches) and the four counts (changed, compared, agreeing, labelled) are summed across
+ranks, so every rank sees the same PC and LA and decides alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import ValfreeError
+from ..probes.batches import move_to
+from ..probes.head_gradient import call_model
+from ..probes.prediction_changes import predicted_classes
+from .distributed import collective_device, is_distributed, rank_and_world, shard_batch
+
+
+def _logits_of(output):
+    """The logits tensor of a model output: a tensor, a dict/ModelOutput's ``logits``, or a tuple's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        if "logits" in output:
+            return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ValfreeError("prediction changes need a model that returns logits (a tensor, or a dict or tuple holding them).")
+
+
+class PredictionTracker:
+    """Counts prediction changes and label agreement between checks (see the module docstring).
+
+    ``inputs``/``labels`` are the fixed subset for :meth:`measure` (labels -1 or None where there are
+    none); leave them out for piggyback-only use. ``batch_size`` bounds the forward chunks.
+    """
+
+    def __init__(self, inputs=None, labels: torch.Tensor | None = None, batch_size: int = 256, group=None):
+        self.group = group
+        self.batch_size = int(batch_size)
+        rank, world = rank_and_world(group)
+        self.inputs = shard_batch(inputs, rank, world) if inputs is not None and world > 1 else inputs
+        if labels is not None and world > 1:
+            labels = shard_batch(labels, rank, world)
+        self.labels = None if labels is None else torch.as_tensor(labels).reshape(-1).long().cpu()
+        self.previous: torch.Tensor | None = None  # the subset's classes at the last check (this rank's share)
+        # piggyback: each sample's class when it was last seen, -1 before that
+        self.last_seen = torch.full((0,), -1, dtype=torch.long)
+        self._counts = torch.zeros(4, dtype=torch.float64)
+
+    # -- fixed subset ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def classes(self, model: nn.Module) -> torch.Tensor:
+        """This rank's share of the subset, predicted in eval mode (the model's mode is restored)."""
+        if self.inputs is None:
+            raise ValfreeError("this PredictionTracker has no fixed subset; pass inputs=... or use observe() with sample indices.")
+        param = next((p for p in model.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else None
+        was = model.training
+        model.eval()
+        try:
+            out = []
+            n = _length(self.inputs)
+            for i in range(0, n, self.batch_size):
+                chunk = move_to(_slice(self.inputs, i, i + self.batch_size), device, dtype)
+                out.append(predicted_classes(_logits_of(call_model(model, chunk))).cpu())
+        finally:
+            model.train(was)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+    def measure(self, model: nn.Module) -> dict:
+        """Predict the subset, compare with the previous check, and return the columns
+        ``pred_change`` (NaN at the first check), ``label_agreement`` and ``pred_subset``."""
+        now = self.classes(model)
+        counts = torch.zeros(4, dtype=torch.float64)
+        if self.previous is not None and len(self.previous) == len(now):
+            counts[0] = float((now != self.previous).sum())
+            counts[1] = float(len(now))
+        if self.labels is not None:
+            keep = self.labels >= 0
+            counts[2] = float((now[keep] == self.labels[keep]).sum())
+            counts[3] = float(keep.sum())
+        self.previous = now
+        return self._columns(counts)
+
+    # -- piggyback -------------------------------------------------------------------------------
+    def observe(self, sample_ids: torch.Tensor, output, labels: torch.Tensor | None = None) -> None:
+        """Count one training batch: ``sample_ids`` are the dataset indices of its samples, ``output``
+        the model's output (or logits) from the training forward, ``labels`` the given labels."""
+        ids = torch.as_tensor(sample_ids).reshape(-1).long().cpu()
+        now = predicted_classes(_logits_of(output)).cpu()
+        if len(ids) != len(now):
+            raise ValfreeError(
+                f"{len(ids)} sample indices for {len(now)} predictions; piggybacked prediction changes need one index "
+                "per sample (dense and token outputs are not supported here)."
+            )
+        if len(ids) and int(ids.min()) < 0:
+            raise ValfreeError("sample indices must be non-negative dataset positions.")
+        top = int(ids.max()) + 1 if len(ids) else 0
+        if top > len(self.last_seen):
+            grown = torch.full((max(top, 2 * len(self.last_seen)),), -1, dtype=torch.long)
+            grown[: len(self.last_seen)] = self.last_seen
+            self.last_seen = grown
+        before = self.last_seen[ids]
+        seen = before >= 0
+        self._counts[0] += float((now[seen] != before[seen]).sum())
+        self._counts[1] += float(seen.sum())
+        if labels is not None:
+            y = torch.as_tensor(labels).reshape(-1).long().cpu()
+            keep = y >= 0
+            self._counts[2] += float((now[keep] == y[keep]).sum())
+            self._counts[3] += float(keep.sum())
+        self.last_seen[ids] = now
+
+    def flush(self) -> dict:
+        """The columns over the batches observed since the last flush, then start counting afresh."""
+        counts, self._counts = self._counts, torch.zeros(4, dtype=torch.float64)
+        return self._columns(counts)
+
+    # -- shared ----------------------------------------------------------------------------------
+    def _columns(self, counts: torch.Tensor) -> dict:
+        if is_distributed(self.group):
+            import torch.distributed as dist
+
+            device = collective_device("cpu", self.group)
+            counts = counts.to(device)
+            dist.all_reduce(counts, group=self.group)
+            counts = counts.cpu()
+        changed, compared, agree, labelled = (float(c) for c in counts)
+        return {
+            "pred_change": changed / compared if compared else math.nan,
+            "label_agreement": agree / labelled if labelled else math.nan,
+            "pred_subset": int(compared) if compared else int(labelled),
+        }
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous, "last_seen": self.last_seen.clone(), "counts": self._counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"previous", "last_seen", "counts"}:
+            raise ValfreeError(f"not a PredictionTracker state (keys {sorted(state)}).")
+        self.previous = state["previous"]
+        self.last_seen = torch.as_tensor(state["last_seen"]).long()
+        self._counts = torch.as_tensor(state["counts"], dtype=torch.float64)
+
+
+def _length(inputs) -> int:
+    if isinstance(inputs, dict):
+        return len(next(iter(inputs.values())))
+    if isinstance(inputs, (tuple, list)):
+        return len(inputs[0])
+    return len(inputs)
+
+
+def _slice(inputs, start: int, stop: int):
+    if isinstance(inputs, dict):
+        return {k: v[start:stop] for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(v[start:stop] for v in inputs)
+    return inputs[start:stop]
