@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .selectors import RULE_COLUMNS, RULES, Run, gap, label_agreement, label_noise_estimate, prediction_changes, select_by_rule
+from .selectors import DEFAULT_RULE, NOISE_ESTIMATOR, RULE_COLUMNS, RULES, Run, gap, label_agreement, label_noise_estimate, prediction_changes, rule_columns, select_by_rule
 
 SUBSET_SIZES = (512, 1024, 2048, 4096)
 SUBSET_DRAWS = 10  # random subsamples of the recorded subset per size (< the recorded size)
@@ -43,16 +43,19 @@ def attach_predictions(run: Run, pred: dict) -> Run:
     # Evaluation only: the share of the subset's mislabelled examples predicted as their wrong label.
     memorised = (p[:, wrong] == given[wrong][None, :]).mean(axis=1) if wrong.any() else np.zeros(len(p))
     for i, row in enumerate(run.rows):
-        row.update(pred_change=float(pc[i]), label_agreement=float(la[i]), la_true=float(la_true[i]), memorised=float(memorised[i]))
+        row.update(pred_change=float(pc[i]), label_agreement=float(la[i]), la_true=float(la_true[i]), memorised=float(memorised[i]),
+                   pred_subset=float(p.shape[1]))
     run.pred = pred
     return run
 
 
 def _columns(run: Run, pred_matrix=None, given=None) -> dict[str, np.ndarray]:
-    cols = {col: run.series(key) for col, key in RULE_COLUMNS.items()}
+    """The rules' columns; with ``pred_matrix``, PC, label agreement and the subset size from those columns."""
+    cols = rule_columns(run)
     if pred_matrix is not None:
         cols["pred_change"] = prediction_changes(pred_matrix)
         cols["label_agreement"] = label_agreement(pred_matrix, given)
+        cols["pred_subset"] = np.full(len(pred_matrix), float(pred_matrix.shape[1]))
     return cols
 
 
@@ -190,7 +193,7 @@ def memorisation_results(runs: list[Run], meta: list[dict], regimes: dict) -> di
     if not any(r.pred is not None for r in runs):
         return None
     return {
-        "rules": list(RULES),
+        "rules": list(RULES), "default_rule": DEFAULT_RULE, "noise_estimator": NOISE_ESTIMATOR,
         "rule_columns": dict(RULE_COLUMNS),
         "details": rule_details(runs),
         "noise": noise_estimates(runs, regimes),

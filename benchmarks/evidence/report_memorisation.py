@@ -52,8 +52,9 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
         "min(4096, training set) of them, a superset of the probe batch (`predictions.npz`). From it: **PC** (the share "
         "whose class changed since the previous checkpoint; no label read) and **label agreement** (the share predicted as "
         "the label it was trained on). Every valfree rule in `valfree.selection.rules.RULES` runs with its default options "
-        f"({', '.join(f'`{x}`' for x in rules)}), on the columns `grad_norm` (the probe), `pred_change` and `label_agreement`. "
-        "Nothing below was tuned on this grid.",
+        f"({', '.join(f'`{x}`' for x in rules)}; the library's default: `{mem.get('default_rule')}`), on the columns "
+        "`grad_norm` (the probe), `pred_change`, `label_agreement` and `pred_subset` (the subset size). Nothing below was tuned "
+        "on this grid.",
     ]
     if r.get("runs_missing"):
         out.append(f"**Missing runs ({len(r['runs_missing'])}):** {', '.join(r['runs_missing'])}.")
@@ -127,7 +128,7 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
                      f"{100 * np.mean([abs(e['estimate'] - e['subset_rate']) for e in have]):.1f}" if have else "n/a",
                      f"{sum(cover)}/{len(cover)}" if have else "n/a"])
     out += ["### Label-noise estimate against the true rate",
-            "`label_noise_estimate` per run against the regime's rate and the rate actually present in the recorded subset "
+            f"The estimate ({mem.get('noise_estimator', 'label_noise_estimate')}) per run against the regime's rate and the rate actually present in the recorded subset "
             "(the estimate's target). *estimated*: runs where it returned an estimate; *covered*: runs whose interval holds the "
             "subset's rate. Mean absolute error in points.",
             _table(["regime", "true rate", "rate in subset", "estimated", "mean estimate", "mean interval", "MAE", "covered"], rows)]

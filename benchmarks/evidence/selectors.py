@@ -16,11 +16,32 @@ import numpy as np
 
 from valfree.selection import UNIVERSAL_PRESET, select_checkpoint
 
-try:  # the rules of issue 12 (valfree.selection.rules); a local stand-in until they land on main
-    from valfree.probes.prediction_changes import label_agreement, prediction_changes
-    from valfree.selection.rules import RULES, label_noise_estimate, select_by_rule
-except ImportError:  # pragma: no cover - removed once main has the module
-    from ._rules_stub import RULES, label_agreement, label_noise_estimate, prediction_changes, select_by_rule  # noqa: F401
+from valfree.probes.prediction_changes import label_agreement, prediction_changes  # noqa: F401
+from valfree.selection.rules import RULES, select_by_rule
+
+try:
+    from valfree.selection.rules import label_noise_estimate
+
+    NOISE_ESTIMATOR = "valfree.selection.rules.label_noise_estimate"
+except ImportError:
+    NOISE_ESTIMATOR = "valfree.selection.rules.memorised_fraction (LA_end - LA_m at the Label Wave point m, 95 % interval)"
+  # the library states the noise diagnostic as the memorised fraction
+    from valfree.selection.rules import memorised_fraction
+
+    def label_noise_estimate(steps, columns):
+        """(estimate, low, high) of the label-noise rate: valfree's memorised fraction LA_end - LA_m
+        and its 95 % interval; None where the run has no PC or label agreement."""
+        out = memorised_fraction(steps, columns)
+        if out is None:
+            return None
+        est = out[0]
+        return est.value, est.low, est.high
+
+
+try:
+    from valfree.selection.rules import DEFAULT_RULE
+except ImportError:
+    DEFAULT_RULE = None
 
 UNIVERSAL = (UNIVERSAL_PRESET["tail"], UNIVERSAL_PRESET["ema"])
 WHOLE_RUN = (1.0, 3)
@@ -174,7 +195,12 @@ RULE_COLUMNS = {"grad_norm": "hg_grad_norm", "pred_change": "pred_change", "labe
 
 
 def rule_columns(run: Run) -> dict[str, np.ndarray]:
-    return {col: run.series(key) for col, key in RULE_COLUMNS.items()}
+    """The rules' columns, plus ``pred_subset`` (the subset size, as the scores CSV has it) where recorded."""
+    cols = {col: run.series(key) for col, key in RULE_COLUMNS.items()}
+    subset = run.series("pred_subset")
+    if np.isfinite(subset).all():
+        cols["pred_subset"] = subset
+    return cols
 
 
 def rule_selector(rule: str) -> Callable[[Run, list[Run]], int]:
