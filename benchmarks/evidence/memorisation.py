@@ -157,20 +157,34 @@ def subset_size_study(runs: list[Run], regimes: dict, sizes=SUBSET_SIZES, draws=
 
 
 def prediction_cost(meta: list[dict], runs: list[Run]) -> dict:
-    """The prediction pass per checkpoint (CPU ms), against the probe and the training between checkpoints."""
+    """The prediction pass per checkpoint against a training step, the run's training and the probe.
+
+    - ``pred_ms``: CPU ms of one prediction pass (eval-mode forward and argmax on the subset);
+    - ``train_step_ms``: wall ms of one training step (train_seconds / total_steps);
+    - ``pred_in_steps``: the pass in training steps (wall over wall, taken in the same process);
+    - ``share_of_training``: all the run's passes over its training time (wall), at 30 checkpoints;
+    - ``probe_ms``: CPU ms of the probe (256 images) in the signals pass;
+    - ``score_share``: the part of the pass the probe batch does not already cover, (S - 256)/S of it,
+      as a share of a checkpoint's scoring with it (probe + that extra), checkpoint loading left out.
+    """
     fam_of = {r.name: r.family for r in runs}
     rows = defaultdict(lambda: defaultdict(list))
     for m in meta:
         if "pred_cpu_seconds" not in m or m["name"] not in fam_of:
             continue
-        fam, k = fam_of[m["name"]], m["checkpoints"]
-        rows[fam]["pred_ms"].append(1000 * m["pred_cpu_seconds"] / k)
-        rows[fam]["subset"].append(m["pred_subset"])
-        rows[fam]["share_of_run"].append(m["pred_cpu_seconds"] / m["cpu_seconds"])
+        fam, k, S = fam_of[m["name"]], m["checkpoints"], m["pred_subset"]
+        d = rows[fam]
+        d["pred_ms"].append(1000 * m["pred_cpu_seconds"] / k)
+        d["subset"].append(S)
+        step = m["train_seconds"] / m["total_steps"]
+        d["train_step_ms"].append(1000 * step)
+        d["pred_in_steps"].append(m["pred_seconds"] / k / step)
+        d["share_of_training"].append(m["pred_seconds"] / m["train_seconds"])
         probe = m["signal_cpu_seconds_per_checkpoint"].get("probe")
         if probe is not None and probe == probe:
-            rows[fam]["probe_ms"].append(1000 * probe)
-        rows[fam]["between_ms"].append(1000 * (m["cpu_seconds"] - m["pred_cpu_seconds"]) / k)
+            d["probe_ms"].append(1000 * probe)
+            extra = m["pred_cpu_seconds"] / k * max(S - 256, 0) / S
+            d["score_share"].append(extra / (probe + extra))
     return {fam: {k: float(np.median(v)) for k, v in d.items()} | {"runs": len(d["pred_ms"])} for fam, d in rows.items()}
 
 

@@ -157,12 +157,17 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
     # Cost.
     cost = mem.get("cost") or {}
     if cost:
-        rows = [[fam, str(c["runs"]), f"{c['subset']:.0f}", _f(c["pred_ms"], 1), _f(c.get("probe_ms"), 1), _f(c["between_ms"], 0),
-                 f"{100 * c['share_of_run']:.2f} %"] for fam, c in cost.items()]
+        rows = [[fam, str(c["runs"]), f"{c['subset']:.0f}", _f(c["pred_ms"], 1), _f(c["train_step_ms"], 1), _f(c["pred_in_steps"], 1),
+                 f"{100 * c['share_of_training']:.1f} %", _f(c.get("probe_ms"), 1),
+                 f"{100 * c['score_share']:.0f} %" if "score_share" in c else "n/a"] for fam, c in cost.items()]
         out += ["### Cost of the prediction pass",
-                "CPU milliseconds per checkpoint (one torch thread, process time): the prediction pass on the subset (eval-mode "
-                "forward and argmax), the probe (256 images; the signals pass), and the training plus evaluation between two "
-                "checkpoints; last column: the prediction pass as a share of the run's CPU time (training plus per-checkpoint "
-                "evaluation, 30 checkpoints per run). Medians over runs.",
-                _table(["family", "runs", "subset", "prediction pass (ms)", "probe (ms)", "between checkpoints (ms)", "share of run"], rows)]
+                "Per checkpoint, medians over runs (one torch thread; the machine ran other jobs, so wall times are upper "
+                "bounds): the prediction pass on the subset (eval-mode forward in batches of 256 and argmax, CPU ms); one "
+                "training step (batch 128, wall ms); the pass in training steps; all 30 passes of a run as a share of its "
+                "training time (this grid checkpoints every 13 to 104 steps, so the share is large; it scales with the "
+                "checkpoint interval); the probe on 256 images (CPU ms, signals pass); and, for `valfree score`, the part of "
+                "the pass the probe batch does not already cover ((S - 256)/S of it) as a share of scoring one checkpoint "
+                "with it (probe + that extra; checkpoint loading left out).",
+                _table(["family", "runs", "subset", "prediction pass (ms)", "training step (ms)", "pass in steps",
+                        "share of training", "probe (ms)", "extra share of scoring"], rows)]
     return "\n\n".join(out)
