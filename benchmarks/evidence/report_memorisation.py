@@ -74,6 +74,26 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
             "Points of test accuracy (10k test images) below the best checkpoint of the run: mean over runs (worst run). "
             "*hg_raw* is the probe alone (universal preset); the oracle column is the best checkpoint's test accuracy (%).",
             _table(["regime", "labels", "runs", *sels, "oracle acc"], rows)]
+    # Issue 12's three acceptance criteria, per rule, on the pooled runs.
+    pooled = dict(groups)
+    clean, noisy = pooled["**clean, pooled**"], pooled["**noisy, pooled**"]
+    rows = []
+    for sel in rule_sels:
+        c, c_last = _gaps(r, clean, sel), _gaps(r, clean, "last")
+        n, n_val = _gaps(r, noisy, sel), _gaps(r, noisy, "val500")
+        worse = sum(1 for name in r["per_run"] if sel in r["per_run"][name]["chosen"] and "hg_raw" in r["per_run"][name]["chosen"]
+                    and r["per_run"][name]["chosen"][sel]["gap"] > r["per_run"][name]["chosen"]["hg_raw"]["gap"] + 1.0)
+        ok1 = bool(c) and np.mean(c) <= np.mean(c_last) + 0.1
+        ok2 = bool(n) and np.mean(n) <= np.mean(n_val) + 1.0
+        rows.append([f"`{sel}`" + (" (library default)" if sel == f"rule:{mem.get('default_rule')}" else ""),
+                     f"{np.mean(c):.2f} vs {np.mean(c_last) + 0.1:.2f}: {'met' if ok1 else 'not met'}" if c else "n/a",
+                     f"{np.mean(n):.2f} vs {np.mean(n_val) + 1.0:.2f}: {'met' if ok2 else 'not met'}" if n else "n/a",
+                     f"{worse}: {'met' if worse == 0 else 'not met'}"])
+    out += ["### Issue 12's criteria, per rule",
+            "On every finished run of this grid, base and extended pooled: (1) clean runs, mean gap no worse than the last "
+            "checkpoint's + 0.1; (2) noisy runs, mean gap within 1 point of the 500-image labelled set's; (3) no run worse than "
+            "the probe alone by more than 1 point.",
+            _table(["rule", "(1) clean: mean gap vs last + 0.1", "(2) noisy: mean gap vs val500 + 1", "(3) runs worse than probe by >1"], rows)]
     # Worse than the probe by more than 1 point, and guard firing.
     rows = []
     for label, names in groups:
