@@ -56,6 +56,22 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
         "`grad_norm` (the probe), `pred_change`, `label_agreement` and `pred_subset` (the subset size). Nothing below was tuned "
         "on this grid.",
     ]
+    fams = {}
+    for name, v in r["per_run"].items():
+        fams.setdefault(v["regime"], set()).add(f"{v['family']}")
+    regs = "; ".join(
+        f"**{k}** ({', '.join(sorted(fams.get(k, [])))}): {v.get('description', '')}" for k, v in regimes.items())
+    meta = r.get("run_meta", [])
+    wall = sum(m["train_seconds"] + m["eval_seconds"] for m in meta) / 60
+    cpu = sum(m["cpu_seconds"] for m in meta if m.get("cpu_seconds") == m.get("cpu_seconds")) / 60
+    out.append(
+        f"Grid: {r['runs_finished']} of {r['runs_expected']} runs finished, 30 checkpoints each. Regimes (families with a finished "
+        f"run): {regs}. The extended regimes train the MLP and the ViT on seeds 0-2 and the CNN on seed 0; the ViT (LayerNorm) sits "
+        "out the BatchNorm regime, where the MLP gets BatchNorm after each hidden layer; `noisy-step` equals `noisy-constant` "
+        "up to half the run by construction. Extended runs compute the probe, its batch-size study and the pseudo-label probe, not "
+        "Tr(H_eff) or WeightWatcher. Training with per-checkpoint evaluation (and the prediction pass): "
+        f"{wall:.0f} wall-clock minutes summed over runs, {cpu:.0f} CPU-minutes (two niced workers on a 2-core machine that ran "
+        "other jobs).")
     if r.get("runs_missing"):
         out.append(f"**Missing runs ({len(r['runs_missing'])}):** {', '.join(r['runs_missing'])}.")
     # Gap table per regime: mean (worst run).
@@ -74,6 +90,18 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
             "Points of test accuracy (10k test images) below the best checkpoint of the run: mean over runs (worst run). "
             "*hg_raw* is the probe alone (universal preset); the oracle column is the best checkpoint's test accuracy (%).",
             _table(["regime", "labels", "runs", *sels, "oracle acc"], rows)]
+    # Per family, clean and noisy pooled.
+    rows = []
+    fam_names = sorted({v["family"] for v in r["per_run"].values()})
+    for fam in fam_names:
+        for label, members in (("clean", "**clean, pooled**"), ("noisy", "**noisy, pooled**")):
+            names = [n for n in dict(groups)[members] if r["per_run"][n]["family"] == fam]
+            if not names:
+                continue
+            rows.append([fam, label, str(len(names))] + [f"{np.mean(g):.2f} ({np.max(g):.2f})" if (g := _gaps(r, names, sel)) else "n/a"
+                                                         for sel in ["last", "hg_raw", *rule_sels, "val500"]])
+    out += ["Per family (all regimes with clean or with noisy labels pooled): mean gap (worst run).",
+            _table(["family", "labels", "runs", "last", "hg_raw", *rule_sels, "val500"], rows)]
     # Issue 12's three acceptance criteria, per rule, on the pooled runs.
     pooled = dict(groups)
     clean, noisy = pooled["**clean, pooled**"], pooled["**noisy, pooled**"]
