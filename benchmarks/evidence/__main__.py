@@ -3,7 +3,7 @@
 - ``train [--grid full|extended|all|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
   checkpoint on the whole test split (all cached).
 - ``report [--grid full|quick]``: selectors, metrics, JSON results and the markdown report, from the cache.
-- ``run`` = ``train`` then ``report`` for the full grid; ``quick`` = the same for the quick grid.
+- ``run`` = ``train --grid all`` (base and extended), ``sweep``, ``perf``, then ``report``; ``quick`` = the same for the quick grid.
 - ``sweep``: TPV train vs test on a teacher-student task, and the regularisation sweep (the U-shape).
 - ``perf``: scoring a folder of checkpoints against a full validation pass on each.
 """
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("run", "quick"):
         args.grid = args.grid or ("quick" if args.command == "quick" else "full")
-        rc = cmd_train(args)
+        # The full report covers the base and the extended grid: train both (one cache).
+        rc = cmd_train(argparse.Namespace(**{**vars(args), "grid": "all" if args.grid == "full" else args.grid}))
         rc |= cmd_sweep(args)
         rc |= cmd_perf(args)
         return rc | cmd_report(args)
