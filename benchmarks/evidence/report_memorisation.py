@@ -123,6 +123,7 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
             "the probe alone by more than 1 point.",
             _table(["rule", "(1) clean: mean gap vs last + 0.1", "(2) noisy: mean gap vs val500 + 1", "(3) runs worse than probe by >1"], rows)]
     # Worse than the probe by more than 1 point, and guard firing.
+    guarded = [x for x in rules if any(d[x]["guard_fired"] is not None for d in mem["details"].values())]
     rows = []
     for label, names in groups:
         row = [label, str(len(names))]
@@ -130,15 +131,15 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
             worse = [n for n in names if sel in r["per_run"][n]["chosen"] and "hg_raw" in r["per_run"][n]["chosen"]
                      and r["per_run"][n]["chosen"][sel]["gap"] > r["per_run"][n]["chosen"]["hg_raw"]["gap"] + 1.0]
             row.append(str(len(worse)))
-        for rule in rules:
+        for rule in guarded:
             fired = [mem["details"][n][rule]["guard_fired"] for n in names if n in mem["details"]]
             known = [x for x in fired if x is not None]
             row.append(f"{sum(known)}/{len(known)}" if known else "n/a")
         rows.append(row)
     out += ["### Runs where a rule is worse than the probe alone, and how often the guard fired",
             "Runs where the rule's gap exceeds the probe's (hg_raw) by more than 1 point; then, per rule, runs where its "
-            "memorisation guard fired / runs where the rule reports a guard (n/a: the rule has none).",
-            _table(["regime", "runs", *[f"{s} worse by >1" for s in rule_sels], *[f"{x} guard fired" for x in rules]], rows)]
+            f"memorisation guard fired / runs (the rules with a guard: {', '.join(f'`{x}`' for x in guarded) or 'none'}).",
+            _table(["regime", "runs", *[f"{s} worse by >1" for s in rule_sels], *[f"{x} guard fired" for x in guarded]], rows)]
     worst = []
     for sel in rule_sels:
         bad = sorted(((r["per_run"][n]["chosen"][sel]["gap"] - r["per_run"][n]["chosen"]["hg_raw"]["gap"], n) for n in r["per_run"]
@@ -146,6 +147,20 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
         bad = [f"{n} (+{d:.2f})" for d, n in bad if d > 1.0]
         worst.append(f"- `{sel}`: " + (", ".join(bad) if bad else "none"))
     out += ["Runs worse than the probe by more than 1 point (rule gap minus probe gap):", "\n".join(worst)]
+    # Where the library's default rule still fails.
+    default = mem.get("default_rule")
+    if default in rules:
+        fails = sorted(((mem["details"][n][default]["gap"], n) for n in mem["details"]
+                        if mem["details"][n][default]["gap"] > 2.0), reverse=True)
+        rows = [[n, _f(g), _f(r["per_run"][n]["chosen"]["val500"]["gap"]) if "val500" in r["per_run"][n]["chosen"] else "n/a",
+                 str(mem["details"][n][default]["index"]), str(r["per_run"][n]["chosen"]["oracle"]["index"]),
+                 {None: "n/a", True: "yes", False: "no"}[mem["details"][n][default]["guard_fired"]],
+                 mem["details"][n][default]["reason"].replace("|", "/")] for g, n in fails]
+        out += [f"### Where the default rule (`{default}`) still fails",
+                f"Runs where `{default}` is more than 2 points below the best checkpoint ({len(rows)} of {len(mem['details'])}), "
+                "worst first, with the 500-image labelled set's gap, the chosen and the best checkpoint's positions (0-29), "
+                "whether the guard fired, and the rule's own reason.",
+                _table(["run", "gap", "val500 gap", "chosen", "best", "guard", "reason"], rows) if rows else "None."]
     # Plots.
     names = mem.get("plot_runs", [])
     path = plots.prediction_changes(r, names, img / "evidence_prediction_changes.png")
