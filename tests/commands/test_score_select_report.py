@@ -76,7 +76,9 @@ def test_score_select_report_and_resume(run_dir, tmp_path, capsys):
     report = tmp_path / "report.html"
     assert main(["report", str(out), "--metrics", str(metrics), "-o", str(report)]) == 0
     page = report.read_text()
-    assert page.count("data:image/png;base64,") == 2 and "Gap to the oracle" in page and "Spearman" in page
+    # the probe's series, prediction changes under it, and the scatter against the held-out metric
+    assert page.count("data:image/png;base64,") == 3 and "Gap to the oracle" in page and "Spearman" in page
+    assert "points of test_accuracy" in page and "the last 20 % of the run" in page and "rule <b>" in page.lower()
 
 
 def test_new_checkpoint_is_scored_on_rerun(run_dir, tmp_path, capsys):

@@ -107,6 +107,8 @@ class RuleOptions:
 
     tail: float | int = UNIVERSAL_PRESET["tail"]
     ema: float = UNIVERSAL_PRESET["ema"]
+    column: str = PROBE_COLUMN  # the score the probe part of a rule reads, and its direction
+    mode: str = UNIVERSAL_PRESET["mode"]
     patience: float | int = LABEL_WAVE_DEFAULTS["patience"]
     start: float | int = LABEL_WAVE_DEFAULTS["start"]
     pc_window: int = LABEL_WAVE_DEFAULTS["window"]
@@ -148,7 +150,7 @@ class _Run:
 
 
 def _probe(run: _Run, opts: RuleOptions) -> Selection:
-    return select_checkpoint(run.steps, run.need(PROBE_COLUMN, "probe"), tail=opts.tail, ema=opts.ema, mode="min")
+    return select_checkpoint(run.steps, run.need(opts.column, "probe"), tail=opts.tail, ema=opts.ema, mode=opts.mode)
 
 
 def _wave(run: _Run, opts: RuleOptions, rule: str) -> WaveChoice:
@@ -194,7 +196,8 @@ def memorised_fraction(steps: Sequence[float], columns: Mapping[str, Sequence[fl
 def rule_probe(run: _Run, opts: RuleOptions) -> RuleChoice:
     sel = _probe(run, opts)
     # select_checkpoint was given the step-sorted series, so its index is a sorted position.
-    return run.choice("probe", sel.index, f"the probe's smoothed minimum in the last {_tail_words(opts.tail)}", probe=sel)
+    best = "minimum" if opts.mode == "min" else "maximum"
+    return run.choice("probe", sel.index, f"the smoothed {best} of {opts.column} in the last {_tail_words(opts.tail)}", probe=sel)
 
 
 def rule_label_wave(run: _Run, opts: RuleOptions) -> RuleChoice:
