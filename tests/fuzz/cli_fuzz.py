@@ -249,7 +249,7 @@ def argument_string(rng: random.Random, name: str, parser: argparse.ArgumentPars
 # ------------------------------------------------------------------------------- fixed elsewhere
 
 # Argument mistakes that end in a traceback on this tree and that the command-line validation branch
-# (checks of devices and output paths before any loop) turns into one sentence. The CI run leaves
+# (checks of devices, output paths and metrics files before any loop) turns into one sentence. The CI run leaves
 # them out (--skip-fixed-elsewhere) until that branch is merged; `make fuzz` keeps them and counts them.
 UNAVAILABLE_DEVICES = {"cuda", "cuda:7", "mps"}
 
@@ -269,7 +269,25 @@ def fixed_elsewhere(argv: list[str], parser: argparse.ArgumentParser) -> str | N
             return "report output is a folder"
         if any(parent.exists() and not parent.is_dir() for parent in out.parents):
             return "report output under a file"
+        metrics = Path(ns.metrics) if ns.metrics else None
+        if metrics is not None and metrics.is_dir():
+            return "report metrics file is a folder"
+        if metrics is not None and metrics.is_file():
+            try:
+                rows = list(csv.reader(io.StringIO(metrics.read_bytes().decode("utf-8"))))
+            except (UnicodeDecodeError, csv.Error):
+                return "report metrics file is binary"
+            if any(not _is_number(cell) for row in rows[1:] for cell in row[1:]):
+                return "report metrics file holds text where numbers belong"
     return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------- running
