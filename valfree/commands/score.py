@@ -8,50 +8,56 @@ across ranks by :mod:`valfree.commands.score_torchrun`.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import ValfreeError
-from ..io.checkpoints import CheckpointRef, discover_checkpoints, is_hf_checkpoint_dir, load_into
-from ..io.data import SPLITS, load_dataset, probe_batch
-from ..io.factory import build_model
-from ..io.hf_model import build_hf_model
-from ..io.results import ResultsStore, probe_row
-from ..probes import LOSSES, find_head, head_gradient
-from ..probes.batches import move_to
-from ..probes.forward import parameter_dtype
-from ..probes.presets import PRESETS, get_preset
-from .checkpoint_loop import CheckpointLoop, RunSummary
-from .score_torchrun import torchrun_scoring
 from . import EXIT_PARTIAL_FAILURE
+from .arguments import LOSSES, PRESETS, SPLITS, add_device, add_out, add_quiet, label_smoothing, nonnegative_int, positive_int
+from .preflight import check_device, check_output_file
+
+if TYPE_CHECKING:  # torch and the runner's helpers load when a command runs, not when the CLI starts
+    from ..io.checkpoints import CheckpointRef
+    from .checkpoint_loop import RunSummary
 
 TARGETS = ("labels", "pseudo")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("score", help="probe every checkpoint in a folder and write one CSV row per checkpoint")
+    p = sub.add_parser("score", help="probe every checkpoint in a folder and write one CSV row per checkpoint",
+                       description="Probe every checkpoint on one fixed, seeded batch and write one results row per "
+                                   "checkpoint; a rerun skips the checkpoints already scored.")
     p.add_argument("checkpoints", nargs="+", help="a folder, a glob, or checkpoint files")
-    p.add_argument("--model", required=False, help="MODULE:FACTORY or path/to/file.py:FACTORY returning the nn.Module")
+    p.add_argument("--model", required=False,
+                   help="MODULE:FACTORY or path/to/file.py:FACTORY returning the nn.Module "
+                        "(default: none, allowed only when every checkpoint is a Hugging Face checkpoint-N/ folder)")
     p.add_argument("--data", required=True, help="fashion-mnist[:DIR] | digits | npz:PATH | MODULE:FUNCTION")
-    p.add_argument("--out", default="scores.csv", help="results CSV; rerunning skips checkpoints already scored")
+    add_out(p, "scores.csv", "results CSV; rerunning skips checkpoints already scored")
     p.add_argument("--head", default=None, help="qualified name of the head module (default: found automatically)")
-    p.add_argument("--loss", default=None, choices=list(LOSSES),
+    p.add_argument("--loss", default=None, choices=LOSSES,
                    help="loss on the head's output (default: ce); not with --preset")
-    p.add_argument("--preset", default=None, choices=list(PRESETS),
+    p.add_argument("--preset", default=None, choices=PRESETS,
                    help="probe recipe for dense, detection, diffusion and language models (docs/beyond.md); "
-                        "rows record its selection mode")
-    p.add_argument("--targets", default="labels", choices=list(TARGETS),
-                   help="'pseudo' uses the model's own argmax, for unlabeled data")
-    p.add_argument("--batch-size", type=int, default=256, help="size of the fixed probe batch")
-    p.add_argument("--seed", type=int, default=0, help="seed that draws the probe batch")
-    p.add_argument("--split", default="train", choices=list(SPLITS), help="which split to draw the batch from")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+                        "rows record its selection mode (default: none, the classification probe)")
+    p.add_argument("--targets", default="labels", choices=TARGETS,
+                   help="'labels' uses the data's labels; 'pseudo' uses the model's own argmax, for unlabeled data")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="size of the fixed probe batch")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed that draws the probe batch")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split to draw the batch from")
+    add_device(p)
+    p.add_argument("--label-smoothing", type=label_smoothing, default=0.0,
+                   help="label smoothing of the cross-entropy, in [0, 1)")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from .score_torchrun import torchrun_scoring
+    from ..io.checkpoints import discover_checkpoints
+
     if args.preset and args.loss:
         raise ValfreeError(f"--loss and --preset cannot be combined: the {args.preset} preset sets its own loss.")
+    check_device(args.device)
+    check_output_file(args.out, "--out", "scores.csv")
     # Under torchrun each rank scores its share into a part file that rank 0 merges; alone, a no-op.
     with torchrun_scoring(args.out, args.device) as ranks:
         refs, note = discover_checkpoints(args.checkpoints)
@@ -59,7 +65,7 @@ def run(args) -> int:
             args.checkpoints, model_spec=args.model, data_spec=args.data, out=ranks.part, head=args.head,
             loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed,
             split=args.split, device=ranks.device, label_smoothing=args.label_smoothing, preset=args.preset,
-            refs=ranks.share(refs), progress=ranks.rank == 0,
+            refs=ranks.share(refs), progress=ranks.rank == 0 and not args.quiet,
         )
         summary.scored, summary.failed = ranks.sum(summary.scored), ranks.sum(summary.failed)
     summary.out, summary.note, summary.skipped = str(args.out), note, ranks.skipped
@@ -93,6 +99,18 @@ def score_checkpoints(
     ``preset`` (see :mod:`valfree.probes.presets`) replaces ``loss`` with a dense, detection, diffusion or
     language-model probe; its rows also record ``preset`` and the selection ``mode`` it was measured with.
     """
+    from ..io.checkpoints import discover_checkpoints, is_hf_checkpoint_dir, load_into
+    from ..io.data import load_dataset, probe_batch
+    from ..io.factory import build_model
+    from ..io.hf_model import build_hf_model
+    from ..io.results import ResultsStore, probe_row
+    from ..probes import find_head, head_gradient
+    from ..probes.batches import move_to
+    from ..probes.forward import parameter_dtype
+    from ..probes.presets import get_preset
+    from .checkpoint_loop import CheckpointLoop, RunSummary
+    from .preflight import check_model_on_batch
+
     recipe = get_preset(preset) if preset else None
     note = None
     if refs is None:
@@ -121,6 +139,8 @@ def score_checkpoints(
             recipe.check_heads(model, head)
         else:
             find_head(model, head)
+            check_model_on_batch(model, move_to(x, device, parameter_dtype(model)),
+                                 target if isinstance(target, str) else target.to(device), loss=loss)
     elif not all(is_hf_checkpoint_dir(ref.path) for ref in loop.todo):
         raise ValfreeError("--model MODULE:FACTORY is required unless every checkpoint is a Hugging Face checkpoint-N/ folder.")
 
