@@ -241,3 +241,16 @@ def test_a_checkpoints_own_failure_stays_a_failed_row(ckpts, tmp_path, capsys):
     out = tmp_path / "s.csv"
     assert main(["score", str(folder), "--model", MODEL, "--data", "digits", "--out", str(out), "--quiet"]) == 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, needle", [
+    ("return None", "not a map-style torch Dataset"),
+    ("return ['a', 'b', 'c']", "cannot be batched"),
+    ("return {'x': 1}", "cannot be batched"),
+])
+def test_a_data_function_returning_no_dataset(ckpts, tmp_path, capsys, monkeypatch, body, needle):
+    name = f"odd_data_{abs(hash(body)) % 10**8}"  # a module name per case: imports are cached
+    (tmp_path / f"{name}.py").write_text(f"def data():\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["score", str(ckpts), "--model", MODEL, "--data", f"{name}:data", "--out", str(tmp_path / "s.csv")])
+    one_sentence(capsys, code, needle)

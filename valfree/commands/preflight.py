@@ -236,3 +236,18 @@ def check_model_on_batch(model, inputs, targets=None, *, loss: str = "ce", rows:
         raise ValfreeError(f"the --data labels include {int(bad.min())}; class labels must be 0 or more "
                            "(-100 marks an ignored item).")
 
+
+
+def draw_probe_batch(dataset, data_spec: str, size: int, seed: int):
+    """:func:`valfree.io.data.probe_batch`, with a dataset whose items cannot be batched (strings, a
+    dict indexed by position, mismatched shapes) refused in one sentence: the data is the user's, and
+    it would fail every checkpoint alike."""
+    from ..io.data import probe_batch
+
+    try:
+        return probe_batch(dataset, size, seed)
+    except ValfreeError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
+        raise ValfreeError(f"the items of the data {data_spec!r} cannot be batched ({_first_line(exc)}); a dataset "
+                           "should give (input tensor, label) pairs or dicts of tensors.") from None

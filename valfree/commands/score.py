@@ -100,7 +100,7 @@ def score_checkpoints(
     language-model probe; its rows also record ``preset`` and the selection ``mode`` it was measured with.
     """
     from ..io.checkpoints import discover_checkpoints, is_hf_checkpoint_dir, load_into
-    from ..io.data import load_dataset, probe_batch
+    from ..io.data import load_dataset
     from ..io.factory import build_model
     from ..io.hf_model import build_hf_model
     from ..io.results import ResultsStore, probe_row
@@ -109,14 +109,14 @@ def score_checkpoints(
     from ..probes.forward import parameter_dtype
     from ..probes.presets import get_preset
     from .checkpoint_loop import CheckpointLoop, RunSummary
-    from .preflight import check_model_on_batch
+    from .preflight import check_model_on_batch, draw_probe_batch
 
     recipe = get_preset(preset) if preset else None
     note = None
     if refs is None:
         refs, note = discover_checkpoints(sources)
     dataset = load_dataset(data_spec, split)
-    x, y = probe_batch(dataset, batch_size, seed)
+    x, y = draw_probe_batch(dataset, data_spec, batch_size, seed)
     if targets == "labels" and recipe is not None and not recipe.needs_labels:
         target = y  # the diffusion and lm presets read no labels (lm: an attention mask if y is one)
     elif targets == "labels":
