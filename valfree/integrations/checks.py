@@ -85,9 +85,11 @@ class CheckMeasurer:
 
     def prepare(self, model) -> None:
         """Fix the data (from what was offered), find the head, build the trackers. Idempotent."""
-        if self.ready:
+        if self.head is not None:
             return
-        if self.given is not None:
+        if self.ready:
+            pass
+        elif self.given is not None:
             from .monitor import split_probe_batch
 
             inputs, targets = split_probe_batch(self.given)
@@ -113,7 +115,7 @@ class CheckMeasurer:
         split = self.shard and not data.local
         inputs, targets = data.probe
         self._probe_shard = (shard_batch(inputs, rank, world), shard_batch(targets, rank, world)) if split else (inputs, targets)
-        if self.pred_subset > 0:
+        if self.pred_subset > 0 and self.tracker is None:  # one already counting piggybacked batches stays
             pc_inputs, pc_labels = data.inputs, data.pc_labels()
             if data.source != "given" and batch_size_of(pc_inputs) > self.pred_subset:
                 from ..probes.batches import take

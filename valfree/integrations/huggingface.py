@@ -315,4 +315,11 @@ class LabelFreeCallback(TrainerCallback):
             warnings.warn(f"LabelFreeCallback: the best checkpoint {best} no longer exists, so the final model is kept.")
             return
         # strict=False: weights tied to the embeddings are not stored twice in the saved file.
+        weights = os.path.join(best, "model.safetensors")
+        if not os.path.isfile(os.path.join(best, "config.json")) and os.path.isfile(weights):
+            # A plain nn.Module trained by the Trainer: its folder holds the weights and no config.
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(weights), strict=False)
+            return
         load_into(model, best, strict=False)
