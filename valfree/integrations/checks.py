@@ -156,7 +156,10 @@ class CheckMeasurer:
         # The tracker's state as plain lists, so that checkpoints stay readable with weights_only=True
         # and the state can be written as JSON.
         tracker = None
-        if self.tracker is not None:
+        # Under DDP each rank holds only its share of the previous predictions, and a checkpoint keeps
+        # one rank's state; so a resumed DDP run starts prediction changes afresh (its first check has
+        # none) instead of comparing one rank's share with another's.
+        if self.tracker is not None and rank_and_world(self.group)[1] == 1:
             t = self.tracker.state_dict()
             tracker = {"previous": None if t["previous"] is None else t["previous"].tolist(),
                        "last_seen": t["last_seen"].tolist(), "counts": t["counts"].tolist()}
