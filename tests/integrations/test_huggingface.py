@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 import valfree
-from valfree import head_gradient, select_checkpoint
+from valfree import head_gradient
 from valfree.cli import main as cli_main
 from valfree.errors import ValfreeError
 from valfree.io.checkpoints import load_state_dict

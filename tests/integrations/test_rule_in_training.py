@@ -207,3 +207,14 @@ def test_huggingface_stops_by_the_rule_after_the_warmup(tmp_path):
     best = callback.tracker.best()
     assert_chose_the_wave_point(best)
     assert torch.equal(trainer.model.fc.weight, weights[best.step])
+
+
+def test_lightning_piggyback_probe_still_measures_prediction_changes(tmp_path):
+    import lightning.pytorch as pl
+
+    x, y, weights = make_run()
+    ckpt = valfree.lightning.LabelFreeCheckpoint(piggyback=True, save_top_k=0, load_best_at_end=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=4, callbacks=[ckpt], logger=False,
+                         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(scripted_module(weights), DataLoader(TensorDataset(x, y), batch_size=len(x)))
+    assert ckpt.tracker.rules.series["pred_subset"][1:] == [len(x)] * 3

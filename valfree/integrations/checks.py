@@ -85,7 +85,7 @@ class CheckMeasurer:
 
     def prepare(self, model) -> None:
         """Fix the data (from what was offered), find the head, build the trackers. Idempotent."""
-        if self.head is not None:
+        if self.head is not None and self.ready:
             return
         if self.ready:
             pass
@@ -105,9 +105,10 @@ class CheckMeasurer:
             _, world = rank_and_world(self.group)
             self._use(FixedData(self.buffer.batch(), self.probe_size, "batches", local=world > 1))
         self.buffer = BatchBuffer(0)
-        inputs, targets = self.data.probe
-        self.head = find_head(model, self.requested.head, inputs=inputs)
-        self.options = dataclasses.replace(self.requested, head=self.head.module)
+        if self.head is None:  # a piggyback probe may have found it already (and hooked it)
+            inputs, targets = self.data.probe
+            self.head = find_head(model, self.requested.head, inputs=inputs)
+            self.options = dataclasses.replace(self.requested, head=self.head.module)
 
     def _use(self, data: FixedData) -> None:
         self.data = data

@@ -135,13 +135,14 @@ class _Prober:
             registry[key] = _Shared(measurer, self.piggyback, self.targets_from_batch)
         self.shared = registry[key]
         self.shared.users += 1
-        if self.probe_batch is not None or self.piggyback:
-            self.shared.measurer.prepare(pl_module) if self.probe_batch is not None else None
-            if self.piggyback:
-                self.shared.measurer.head = self.shared.measurer.head or find_head(pl_module, self.requested.head)
-                self.shared.measurer.options = dataclasses.replace(self.requested, head=self.shared.measurer.head.module)
-                if self.shared.capture is None:
-                    self.shared.capture = self.shared.stack.enter_context(capture_head(self.shared.measurer.head))
+        if self.probe_batch is not None:
+            self.shared.measurer.prepare(pl_module)
+        if self.piggyback:
+            measurer = self.shared.measurer
+            measurer.head = measurer.head or find_head(pl_module, self.requested.head)
+            measurer.options = dataclasses.replace(self.requested, head=measurer.head.module)
+            if self.shared.capture is None:
+                self.shared.capture = self.shared.stack.enter_context(capture_head(measurer.head))
 
     def load_state(self, state) -> None:
         if state:
