@@ -31,7 +31,15 @@ class IncompleteCheckpoint(CheckpointError):
     """A checkpoint folder lacks a file it needs (config, weights, a shard)."""
 
 
-class NonFiniteWeights(CheckpointError):
+class NonFinite(CheckpointError):
+    """A checkpoint's weights or scores are NaN or infinite: recorded with its own status, never as a result."""
+
+
+class NonFiniteScore(NonFinite):
+    """The probe of a checkpoint came out NaN or infinite (e.g. the model's logits overflow)."""
+
+
+class NonFiniteWeights(NonFinite):
     """The checkpoint's weights hold NaN or inf: a diverged or corrupted run, never a valid score."""
 
     def __init__(self, message: str, names: list[str] | None = None):

@@ -34,6 +34,8 @@ PROBE_COLUMNS = (
     "batch_size", "weight_norm", "feature_rms", "path_used", "warnings",
 )
 STATUS_OK, STATUS_FAILED = "ok", "failed"
+# NaN or infinite weights or scores: neither a result nor a broken file, and never taken for either.
+STATUS_NONFINITE = "nonfinite"
 
 
 def merge_columns(columns: list[str], rows: Iterable[dict]) -> list[str]:
