@@ -192,7 +192,10 @@ def test_torchrun_score_writes_the_same_csv_as_one_process(tmp_path):
     make_checkpoints(folder, data, count=4)
     common = ["--model", TINY_MLP, "--data", f"npz:{data}", "--batch-size", "32"]
     assert cli_main(["score", str(folder / "step-10.pt"), *common, "--out", str(tmp_path / "one.csv")]) == 0
+    # the resumed output as `valfree score` left it: the CSV, its database and its prediction sidecar
     shutil.copy(tmp_path / "one.csv", tmp_path / "two.csv")
+    shutil.copy(tmp_path / "one.csv.db", tmp_path / "two.csv.db")
+    shutil.copytree(tmp_path / "one.csv.predictions", tmp_path / "two.csv.predictions")
     assert cli_main(["score", str(folder), *common, "--out", str(tmp_path / "one.csv")]) == 0
     loads = tmp_path / "loads.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "VALFREE_TEST_LOAD_LOG": str(loads)}

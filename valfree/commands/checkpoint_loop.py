@@ -67,11 +67,16 @@ class CheckpointLoop:
     do can return at once: ``todo`` is empty then, and ``summary.skipped`` already counts the others.
     """
 
-    def __init__(self, refs: Sequence[CheckpointRef], store: ResultsStore, summary: RunSummary):
+    def __init__(self, refs: Sequence[CheckpointRef], store: ResultsStore, summary: RunSummary,
+                 complete: Callable[[tuple], bool] | None = None):
+        """``complete(key)``: whether a checkpoint scored before has everything this run records (a
+        measurement stored beside the row, say); one that has not is measured again."""
         from ..io.results import checkpoint_key
 
         self.store, self.summary = store, summary
         done = store.done_keys()
+        if complete is not None:
+            done = {key for key in done if complete(key)}
         self.todo = [ref for ref in refs if checkpoint_key(ref.path) not in done]
         summary.skipped += len(refs) - len(self.todo)
 

@@ -72,14 +72,10 @@ def run(args) -> int:
             loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed,
             split=args.split, device=ranks.device, label_smoothing=args.label_smoothing, preset=args.preset,
             refs=ranks.share(refs), progress=ranks.rank == 0 and not args.quiet, pred_subset=args.pred_subset,
-            predictions=args.out, max_bytes=args.max_bytes, settings_out=args.out if ranks.world > 1 else None,
+            max_bytes=args.max_bytes, settings_out=args.out if ranks.world > 1 else None,
         )
         summary.scored, summary.failed = ranks.sum(summary.scored), ranks.sum(summary.failed)
     summary.out, summary.note, summary.skipped = str(args.out), note, ranks.skipped
-    if ranks.rank == 0 and ranks.world > 1:
-        from .score_predictions import refresh_prediction_changes
-
-        refresh_prediction_changes(args.out)  # the merged rows, in step order across the ranks' shares
     if ranks.rank == 0:
         print(summary.describe())
     return EXIT_PARTIAL_FAILURE if summary.failed else 0
@@ -102,7 +98,6 @@ def score_checkpoints(
     refs: list[CheckpointRef] | None = None,
     preset: str | None = None,
     pred_subset: int = DEFAULT_PRED_SUBSET,
-    predictions: str | os.PathLike | None = None,
     max_bytes: int | None = None,
     settings_out: str | os.PathLike | None = None,
 ) -> RunSummary:
@@ -116,8 +111,9 @@ def score_checkpoints(
 
     Classification probes (cross-entropy, no preset) also record each checkpoint's predicted classes on
     a seeded training subset of ``pred_subset`` items that contains the probe batch (see
-    :mod:`valfree.commands.score_predictions`), in the sidecar of ``predictions`` (default ``out``),
-    and write ``label_agreement``, ``pred_subset`` and, after the run, ``pred_change``. The store
+    :mod:`valfree.commands.score_predictions`), in the sidecar of ``out``, and write
+    ``label_agreement``, ``pred_subset`` and, after the run, ``pred_change`` (under torchrun,
+    :func:`~valfree.commands.score_torchrun.merge_parts` folds the ranks' sidecars and recomputes it). The store
     records the settings the rows were measured with and refuses to mix in other ones
     (``settings_out``: a file whose settings are checked too, the merged output under torchrun).
     ``max_bytes`` bounds what a checkpoint file may allocate.
@@ -175,10 +171,12 @@ def score_checkpoints(
         ResultsStore(settings_out, settings=settings)
     summary = RunSummary(out=str(out), note=note)
     store = ResultsStore(out, settings=settings)
-    sidecar = PredictionSidecar(predictions if predictions is not None else out)
+    sidecar = PredictionSidecar(out)
     if subset is not None:
         sidecar.open(subset.meta, subset.label_array())
-    loop = CheckpointLoop(refs, store, summary)
+    # A row scored without its classes (an older valfree, a copied CSV) is scored again, so that its
+    # neighbours' prediction changes can be computed.
+    loop = CheckpointLoop(refs, store, summary, complete=(lambda key: sidecar.get(key) is not None) if subset else None)
     if not loop.todo:
         return summary
     model = None
@@ -214,10 +212,14 @@ def score_checkpoints(
         sidecar.put(checkpoint_key(ref.path), classes)
         return {**probe_row(probe), **agreement_columns(classes, subset.label_array())}
 
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("valfree")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        __version__ = "unknown"
     summary = loop.run(measure, columns=lambda ref: {"step_source": ref.step_source, "valfree_version": __version__},
                        desc="scoring", progress=progress)
-    if subset is not None and (predictions is None or str(predictions) == str(out)):
-        refresh_prediction_changes(out)  # under torchrun the caller does this once the ranks' rows are merged
+    if subset is not None:
+        refresh_prediction_changes(out)
     return summary

@@ -27,11 +27,10 @@ from ..errors import ValfreeError
 from ..probes.batches import move_to
 from ..probes.forward import call_model
 from ..probes.prediction_changes import predicted_classes
+from ..selection.rules import DEFAULT_PRED_SUBSET  # one size for `valfree score` and training  # noqa: F401
 from .distributed import collective_device, is_distributed, rank_and_world, shard_batch
 
-#: How many training inputs the fixed subset holds by default. PC is a proportion, so its standard
-#: error is at most 0.5 / sqrt(n): 1.1 points at 2048, well under the changes the rules react to.
-DEFAULT_PRED_SUBSET = 2048
+
 
 
 def _logits_of(output):
