@@ -34,7 +34,7 @@ setup() {
   if [ ! -f "$stamp" ]; then
     echo "installing valfree and its dependencies into $VENV (torch pinned by constraints.txt)"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -c constraints.txt -e '.[all,test]'
+    "$PY" -m pip install -q -c constraints.txt -e '.[all,test,bench]'
     # BackPACK and curvlinops declare torchvision, which has no CPU build matching this torch and,
     # once installed, breaks Lightning's imports; neither needs it for what valfree uses.
     "$PY" -m pip install -q -c constraints.txt --no-deps -r requirements-nodeps.txt

@@ -39,7 +39,7 @@ def test_prune_command_matches_the_library_and_saves_a_loadable_file(checkpoint,
 
 @pytest.mark.parametrize("args, message", [
     (["--criterion", "l2"], "unknown pruning criterion 'l2'"),
-    (["--ratio", "1.5"], "ratio must be a fraction strictly between 0 and 1"),
+    (["--ratio", "1.5"], "argument --ratio: must lie strictly between 0 and 1"),
     (["--criterion", "taylor", "--data", "npz:{unlabelled}"], "has missing labels"),
     (["--confidence", "0.99999"], "lower the threshold"),
 ])

@@ -126,12 +126,14 @@ def test_nan_logits_flagged_and_others_intact(run_dir, tmp_path):
     assert "non-finite weights (NaN or inf) in fc.weight" in [r for r in table if r["step"] == "800"][0]["error"]
 
 
-def test_labels_out_of_range_are_flagged_per_row(run_dir, tmp_path):
+def test_labels_out_of_range_are_one_sentence_before_the_loop(run_dir, tmp_path, capsys):
+    # The same mistake for every checkpoint is the user's: one sentence, exit 2, no failed rows.
     data = tmp_path / "d.npz"
     np.savez(data, x=np.random.rand(20, 1, 8, 8).astype(np.float32), y=np.arange(20) % 12)
     out = tmp_path / "s.csv"
-    assert main(["score", str(run_dir), "--model", MODEL, "--data", f"npz:{data}", "--out", str(out)]) == 1
-    assert all("labels must lie in [0, 9]" in r["error"] for r in rows(out))
+    assert main(["score", str(run_dir), "--model", MODEL, "--data", f"npz:{data}", "--out", str(out)]) == 2
+    assert "labels go up to 11, but the model has 10 outputs" in capsys.readouterr().err
+    assert not out.exists() or not rows(out)
 
 
 def test_single_class_batch_is_flagged(run_dir, tmp_path):

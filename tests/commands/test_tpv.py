@@ -116,5 +116,5 @@ def test_options_that_would_fail_every_checkpoint_are_refused_up_front(run_dir, 
     args[args.index("--probes") + 1] = "1"
     args[args.index("--out") + 1] = str(run_dir / "x.csv")
     assert main(args) == 2
-    assert "--probes must be at least 2" in capsys.readouterr().err
+    assert "argument --probes: must be an integer of at least 2" in capsys.readouterr().err
     assert not (run_dir / "x.csv").exists()

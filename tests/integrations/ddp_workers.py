@@ -183,7 +183,7 @@ def train_with_monitors(model, x, y, x_probe, y_probe, out_dir, rank=0, world=1)
     xs, ys = x[rank::world], y[rank::world]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    common = dict(every=2, tail=0.5, ema=2, save_top_k=2, patience=2, min_delta=1e-3)
+    common = dict(every=2, tail=0.5, ema=2, save_top_k=2, patience=2, min_delta=1e-3, rule="probe", warmup=0)
     fixed = Monitor(model, probe_batch=(x_probe, y_probe), checkpoint_dir=os.path.join(out_dir, "fixed"),
                     results=os.path.join(out_dir, "fixed.csv"), **common)
     piggy = Monitor(model, piggyback=True, checkpoint_dir=os.path.join(out_dir, "piggy"),
@@ -226,6 +226,8 @@ def all_scenarios_worker(rank: int, world: int, out_dir: str, folder: str, data:
     probe_cases_worker(rank, world, out_dir)
     ddp_training_worker(rank, world, os.path.join(out_dir, "ddp"))
     dist.barrier()
+    rule_worker(rank, world, os.path.join(out_dir, "rule"))
+    dist.barrier()
     scoring_worker(rank, world, folder, data, os.path.join(out_dir, "split.csv"))
     dist.barrier()
     lightning_worker(rank, world, os.path.join(out_dir, "lightning"))
@@ -247,14 +249,44 @@ def lightning_worker(rank: int, world: int, out_dir: str) -> None:
     probe = blobs(64, seed=7, noise=NOISE)
     callbacks = [
         valfree.lightning.LabelFreeCheckpoint(probe, dirpath=os.path.join(out_dir, "ckpt"), every_n_train_steps=2,
-                                              save_top_k=2, tail=0.5),
-        valfree.lightning.LabelFreeEarlyStopping(probe, every_n_train_steps=2, patience=2, min_delta=0.02),
+                                              save_top_k=2, tail=0.5, rule="probe", load_best_at_end=False),
+        valfree.lightning.LabelFreeEarlyStopping(probe, every_n_train_steps=2, patience=2, min_delta=0.02,
+                                                 rule="probe", warmup=0),
         ReportState(out_dir),
     ]
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(accelerator="cpu", devices=world, strategy="ddp", callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, max_steps=200, deterministic=True)
     trainer.fit(Classifier(), train_dataloaders=loader())
+
+
+def run_rule(out_dir: str | None = None, group_size: int = 1):
+    """The scripted memorising run under a zero-argument Monitor with the default rule; the fixed data
+    is a seeded draw of the training set, which each rank shards. Returns the per-check log."""
+    from torch.utils.data import TensorDataset
+
+    from valfree import Monitor
+
+    from .scripted import CHECKS, OneHotClassifier, make_run
+
+    x, y, weights = make_run()
+    model = OneHotClassifier()
+    monitor = Monitor(model, every=1, total_steps=CHECKS, patience=10, train_data=TensorDataset(x, y),
+                      checkpoint_dir=out_dir)
+    log = []
+    for step in range(1, CHECKS + 1):
+        model.set_check(weights, step)
+        monitor.step(step)
+        log.append({"step": step, **monitor.last_columns, "grad_norm": monitor.last.grad_norm,
+                    "stop": monitor.should_stop(), "best": monitor.best().step})
+        if monitor.should_stop():
+            break
+    return log
+
+
+def rule_worker(rank: int, world: int, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(run_rule(out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def scoring_worker(rank: int, world: int, folder: str, data: str, out: str) -> None:

@@ -27,9 +27,10 @@ def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     if mode == "fixed":
         callback = valfree.huggingface.LabelFreeCallback(CountingTask(64, seed=2).batch(), patience=PATIENCE,
-                                                         min_delta=MIN_DELTA)
+                                                         min_delta=MIN_DELTA, rule="probe", warmup=0)
     else:
-        callback = valfree.huggingface.LabelFreeCallback(piggyback=True)
+        # Only the training forwards: no prediction-change subset, whose eval forwards carry no labels.
+        callback = valfree.huggingface.LabelFreeCallback(piggyback=True, pred_subset=0)
     args = TrainingArguments(
         str(out / "run"), eval_strategy="no", save_strategy="steps", save_steps=2, max_steps=40 if mode == "fixed" else 8,
         learning_rate=1e-2, per_device_train_batch_size=8, report_to=[], use_cpu=True, ddp_backend="gloo",

@@ -111,6 +111,21 @@ def test_ddp_training_gives_the_single_process_scores_and_decisions(ranks_output
             assert float(r["grad_norm"]) == pytest.approx(float(s["grad_norm"]), rel=1e-8)
 
 
+def test_ddp_ranks_shard_the_prediction_subset_and_decide_by_the_rule_alike(ranks_output):
+    """Each rank predicts half of the seeded subset; the summed counts give the single-process columns,
+    so both ranks stop at the same check and choose the same checkpoint as one process does."""
+    from .ddp_workers import run_rule
+
+    ranks = [torch.load(ranks_output / "rule" / f"rank{r}.pt") for r in range(2)]
+    single = run_rule()
+    assert repr(ranks[0]) == repr(ranks[1])
+    assert len(ranks[0]) == len(single) and ranks[0][-1]["stop"]
+    for got, want in zip(ranks[0], single):
+        for key in ("pred_change", "label_agreement", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, nan_ok=True), (got["step"], key)  # float32 sums
+        assert (got["pred_subset"], got["stop"], got["best"]) == (want["pred_subset"], want["stop"], want["best"])
+
+
 def test_lightning_ddp_ranks_record_the_global_probe_and_decide_alike(ranks_output):
     """Lightning's DDP strategy on the two ranks: identical callback state on both, stopping by the rule,
     and the recorded score is the probe of the whole fixed batch although each rank probed half of it."""
@@ -177,7 +192,10 @@ def test_torchrun_score_writes_the_same_csv_as_one_process(tmp_path):
     make_checkpoints(folder, data, count=4)
     common = ["--model", TINY_MLP, "--data", f"npz:{data}", "--batch-size", "32"]
     assert cli_main(["score", str(folder / "step-10.pt"), *common, "--out", str(tmp_path / "one.csv")]) == 0
+    # the resumed output as `valfree score` left it: the CSV, its database and its prediction sidecar
     shutil.copy(tmp_path / "one.csv", tmp_path / "two.csv")
+    shutil.copy(tmp_path / "one.csv.db", tmp_path / "two.csv.db")
+    shutil.copytree(tmp_path / "one.csv.predictions", tmp_path / "two.csv.predictions")
     assert cli_main(["score", str(folder), *common, "--out", str(tmp_path / "one.csv")]) == 0
     loads = tmp_path / "loads.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "VALFREE_TEST_LOAD_LOG": str(loads)}

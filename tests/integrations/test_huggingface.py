@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from contextlib import redirect_stdout
 
 import pytest
@@ -15,10 +16,11 @@ import torch
 from torch.utils.data import Dataset
 
 import valfree
-from valfree import head_gradient, select_checkpoint
+from valfree import head_gradient
 from valfree.cli import main as cli_main
 from valfree.errors import ValfreeError
 from valfree.io.checkpoints import load_state_dict
+from valfree.selection.rules import DEFAULT_RULE, select_by_rule
 
 from .test_monitor import reference_stop_step
 
@@ -81,13 +83,17 @@ def test_best_checkpoint_is_recorded_loaded_and_agrees_with_valfree_select(tmp_p
     assert steps == [4, 8, 12, 16, 20, 24]
     assert [e["valfree/checkpoint"] for e in entries] == [f"checkpoint-{s}" for s in steps]
 
-    chosen = select_checkpoint(steps, values)  # the paper's universal preset, the callback's default
+    # The default rule, on the columns the callback logged, as `valfree select` reads them.
+    columns = {c: [e.get(f"valfree/{c}", math.nan) for e in entries] for c in ("grad_norm", "pred_change", "label_agreement", "pred_subset")}
+    assert all(v == 64 for v in columns["pred_subset"][1:])
+    chosen = select_by_rule(DEFAULT_RULE, steps, columns)
+    chosen_index = steps.index(chosen.step)
     best_dir = run / f"checkpoint-{chosen.step:.0f}"
     assert trainer.state.best_model_checkpoint == str(best_dir)
     saved_state = json.loads((run / "checkpoint-24" / "trainer_state.json").read_text())
     assert saved_state["best_global_step"] == chosen.step
     assert saved_state["best_model_checkpoint"] == str(best_dir)
-    assert probe_entries(saved_state["log_history"]) == entries  # the score is in trainer_state.json
+    assert json.dumps(probe_entries(saved_state["log_history"]), sort_keys=True) == json.dumps(entries, sort_keys=True)  # the score is in trainer_state.json
 
     # The best model was loaded at the end: its weights, and the probe value recorded for it.
     best_weights = load_state_dict(best_dir)
@@ -96,7 +102,7 @@ def test_best_checkpoint_is_recorded_loaded_and_agrees_with_valfree_select(tmp_p
     assert chosen.step != 24 and not torch.equal(load_state_dict(run / "checkpoint-24")["classifier.weight"],
                                                  model_state["classifier.weight"])
     labels = probe.pop("labels")
-    assert head_gradient(trainer.model, probe, labels).grad_norm == pytest.approx(values[chosen.index], rel=1e-5)
+    assert head_gradient(trainer.model, probe, labels).grad_norm == pytest.approx(values[chosen_index], rel=1e-5)
 
     out = io.StringIO()
     with redirect_stdout(out):
@@ -106,7 +112,7 @@ def test_best_checkpoint_is_recorded_loaded_and_agrees_with_valfree_select(tmp_p
 
 def test_early_stopping_ends_training_by_the_rule(tmp_path):
     probe = CountingTask(64, seed=2).batch()
-    callback = valfree.huggingface.LabelFreeCallback(probe, patience=2, min_delta=0.01)
+    callback = valfree.huggingface.LabelFreeCallback(probe, patience=2, min_delta=0.01, rule="probe", warmup=0)
     trainer = trainer_for(tmp_path, callback, save_steps=2, max_steps=60)
     trainer.train()
     entries = probe_entries(trainer.state.log_history)
@@ -152,5 +158,5 @@ def test_settings_that_would_fight_the_callback_are_refused(tmp_path):
     probe = CountingTask(16, seed=2).batch()
     with pytest.raises(ValfreeError, match="save_strategy is 'no'"):
         trainer_for(tmp_path, valfree.huggingface.LabelFreeCallback(probe), save_strategy="no").train()
-    with pytest.raises(ValfreeError, match="not both or neither"):
-        valfree.huggingface.LabelFreeCallback()
+    with pytest.raises(ValfreeError, match="not both"):
+        valfree.huggingface.LabelFreeCallback(probe, piggyback=True)

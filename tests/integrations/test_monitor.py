@@ -210,7 +210,6 @@ def test_pseudo_labels_need_no_targets():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({}, "either probe_batch"),
         ({"piggyback": True, "probe_batch": (torch.zeros(2, 1, 8, 8), torch.zeros(2))}, "not both"),
         ({"probe_batch": torch.zeros(2, 1, 8, 8)}, "probe_batch must be"),
         ({"probe_batch": {"x": torch.zeros(2)}}, "needs a 'labels' entry"),

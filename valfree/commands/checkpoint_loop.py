@@ -5,21 +5,23 @@ they measure. Everything else is here, once: checkpoints already in the results 
 size and mtime) are skipped; each other checkpoint is measured by a callback that returns its result
 columns; a checkpoint whose measurement raises becomes a failed row, with the error in one line, and
 the others go on; every row is appended to the store as soon as it exists, so an interrupted run
-keeps what it measured; a progress bar runs on stderr.
+keeps what it measured; a progress bar runs on stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import NonFinite, ValfreeError
-from ..io.checkpoints import CheckpointRef
-from ..io.results import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, ResultsStore, checkpoint_key, identity_columns
+
+if TYPE_CHECKING:  # io loads torch; RunSummary is needed by command modules the CLI imports at start
+    from ..io.checkpoints import CheckpointRef
+    from ..io.results import ResultsStore
 
 # A measurement: the result columns of one checkpoint, or an exception that fails only that checkpoint.
-Measure = Callable[[CheckpointRef], dict]
+Measure = Callable[["CheckpointRef"], dict]
 
 
 def failure_message(exc: BaseException) -> str:
@@ -65,9 +67,16 @@ class CheckpointLoop:
     do can return at once: ``todo`` is empty then, and ``summary.skipped`` already counts the others.
     """
 
-    def __init__(self, refs: Sequence[CheckpointRef], store: ResultsStore, summary: RunSummary):
+    def __init__(self, refs: Sequence[CheckpointRef], store: ResultsStore, summary: RunSummary,
+                 complete: Callable[[tuple], bool] | None = None):
+        """``complete(key)``: whether a checkpoint scored before has everything this run records (a
+        measurement stored beside the row, say); one that has not is measured again."""
+        from ..io.results import checkpoint_key
+
         self.store, self.summary = store, summary
         done = store.done_keys()
+        if complete is not None:
+            done = {key for key in done if complete(key)}
         self.todo = [ref for ref in refs if checkpoint_key(ref.path) not in done]
         summary.skipped += len(refs) - len(self.todo)
 
@@ -80,8 +89,11 @@ class CheckpointLoop:
         """
         from tqdm.auto import tqdm
 
+        from ..io.results import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, identity_columns
+
         summary = self.summary
-        for ref in tqdm(self.todo, desc=desc, unit="ckpt", disable=not progress, file=sys.stderr):
+        # disable=None: a bar only when stderr is a terminal, so that logs never fill with frames.
+        for ref in tqdm(self.todo, desc=desc, unit="ckpt", disable=None if progress else True, file=sys.stderr):
             row = {"step": ref.step, **identity_columns(ref.path), **(columns(ref) if columns else {})}
             try:
                 row.update(measure(ref))

@@ -12,35 +12,40 @@ import csv
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from .arguments import add_out, add_quiet, at_least, nonnegative_int, positive_int, progress_bar
+from .preflight import check_output_dir
 
-from ..io.checkpoints import load_into
-from ..io.data import fashion_mnist_available, load_dataset
-from ..models import cnn
-from .report import write_report
-from .score import score_checkpoints
-from .select import choose
+if TYPE_CHECKING:  # torch loads when the demo runs, not when the CLI starts
+    from torch import nn
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train a small CNN, save checkpoints, select one without labels, write a report")
-    p.add_argument("--out", default="valfree-demo", help="folder for checkpoints, scores and the report")
-    p.add_argument("--data", default=None, help="default: fashion-mnist if its files are present, else digits")
-    p.add_argument("--epochs", type=int, default=None, help="default: 6 on Fashion-MNIST, 30 on digits")
-    p.add_argument("--train-size", type=int, default=None, help="training images used (default: 12000 / all)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="train a small CNN, save checkpoints, select one without labels, write a report",
+                       description="Train a small CNN, save a checkpoint every quarter epoch, score them without "
+                                   "labels, select one, and compare the choice with every checkpoint's test accuracy.")
+    add_out(p, "valfree-demo", "folder for checkpoints, scores and the report")
+    p.add_argument("--data", default=None, help="fashion-mnist[:DIR] or digits (default: fashion-mnist if its files are present, else digits)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs (default: 6 on Fashion-MNIST, 30 on digits)")
+    p.add_argument("--train-size", type=at_least(2), default=None,
+                   help="training images used (default: 12000 on Fashion-MNIST, all of digits)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the subset, the initialisation and the batches")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    return run_demo(out=args.out, data=args.data, epochs=args.epochs, train_size=args.train_size, seed=args.seed)
+    check_output_dir(args.out, "--out")
+    return run_demo(out=args.out, data=args.data, epochs=args.epochs, train_size=args.train_size, seed=args.seed,
+                    quiet=args.quiet)
 
 
 def accuracy(model: nn.Module, dataset, batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode (used for display and evaluation only, never to choose)."""
+    import torch
+    from torch.utils.data import DataLoader
+
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -56,6 +61,10 @@ def train_with_checkpoints(model: nn.Module, dataset, out_dir: str | Path, epoch
                            lr: float = 0.05, weight_decay: float = 5e-4, checkpoints_per_epoch: int = 4,
                            seed: int = 0, log=print) -> list[Path]:
     """SGD with momentum and a cosine schedule; a state_dict every 1/checkpoints_per_epoch epoch."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -88,7 +97,17 @@ def train_with_checkpoints(model: nn.Module, dataset, out_dir: str | Path, epoch
 
 
 def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | None = None,
-             train_size: int | None = None, seed: int = 0) -> int:
+             train_size: int | None = None, seed: int = 0, quiet: bool = False) -> int:
+    import torch
+    from torch.utils.data import Subset
+
+    from ..io.checkpoints import load_into
+    from ..io.data import fashion_mnist_available, load_dataset
+    from ..models import cnn
+    from .report import write_report
+    from .score import score_checkpoints
+    from .select import choose
+
     torch.manual_seed(seed)
     if data is None:
         data = "fashion-mnist" if fashion_mnist_available() else "digits"
@@ -112,7 +131,7 @@ def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | N
     scores_csv = out_dir / "scores.csv"
     print(f"2/4 scoring {len(paths)} checkpoints on one fixed batch of 256 training images (no test data)")
     t0 = time.perf_counter()
-    summary = score_checkpoints(str(ckpt_dir), factory, data, scores_csv, batch_size=256, seed=seed)
+    summary = score_checkpoints(str(ckpt_dir), factory, data, scores_csv, batch_size=256, seed=seed, progress=not quiet)
     print(summary.describe() + f" in {time.perf_counter() - t0:.1f}s")
 
     print(f"3/4 measuring test accuracy of every checkpoint on {len(test)} test images (for display only)")
@@ -121,7 +140,7 @@ def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | N
     with open(metrics_csv, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "test_accuracy"])
-        for p in paths:
+        for p in progress_bar(paths, quiet, desc="test accuracy", unit="ckpt"):
             writer.writerow([str(p.resolve()), accuracy(load_into(eval_model, p), test)])
 
     print("4/4 selecting with the universal preset (tail 20 %, EMA 3, argmin of the head-gradient norm)\n")

@@ -8,63 +8,77 @@ module reads the checkpoint and the data specs, hands the options on as one
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-
-import torch
-from torch.utils.data import Subset
+from typing import TYPE_CHECKING
 
 from ..errors import ValfreeError
-from ..io.checkpoints import load_into
-from ..io.data import load_dataset
-from ..io.factory import build_model
-from ..pruning.options import TARGETS, PruneOptions, check_arguments
+from .arguments import (PRUNE_TARGETS, add_device, add_out, add_quiet, fraction, nonnegative_int,
+                        positive_float, positive_int, probability)
+from .preflight import check_device, check_output_file
+
+if TYPE_CHECKING:  # torch and the pruning runner load when the command runs, not when the CLI starts
+    from ..pruning.options import PruneOptions
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("prune", help="prune a checkpoint's channels (label-free with jbr) and save it factory-free")
+    p = sub.add_parser("prune", help="prune a checkpoint's channels (label-free with jbr) and save it factory-free",
+                       description="Prune a checkpoint's channels (label-free with the jbr criterion), print the "
+                                   "params, MACs and accuracy per step, and save a model that loads without its factory.")
     p.add_argument("checkpoint", help="the trained model's weights (.pt/.pth/.ckpt/.safetensors, loaded without pickle)")
     p.add_argument("--model", required=True, help="MODULE:FACTORY or path/to/file.py:FACTORY returning the nn.Module")
     p.add_argument("--data", required=True, help="calibration data (train split): fashion-mnist[:DIR] | digits | npz:PATH | MODULE:FUNCTION")
     p.add_argument("--criterion", default="jbr",
-                   help="jbr (label-free, default), l1, bn_scale, fpgm, whc, random; with labels: jacobian, taylor, hessian")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction to remove, strictly between 0 and 1")
-    p.add_argument("--target", default="channels", choices=list(TARGETS), help="what --ratio counts")
-    p.add_argument("--steps", type=int, default=10, help="pruning rounds; data-driven criteria rescore before each")
+                   help="jbr (label-free), l1, bn_scale, fpgm, whc, random; with labels: jacobian, taylor, hessian")
+    p.add_argument("--ratio", type=fraction, default=0.5, help="fraction to remove, strictly between 0 and 1")
+    p.add_argument("--target", default="channels", choices=PRUNE_TARGETS, help="what --ratio counts")
+    p.add_argument("--steps", type=positive_int, default=10, help="pruning rounds; data-driven criteria rescore before each")
     p.add_argument("--global", dest="global_pruning", action="store_true", help="rank channels across layers")
-    p.add_argument("--confidence", type=float, default=0.9, help="jbr keeps samples whose max probability exceeds this")
-    p.add_argument("--calibration-size", type=int, default=1024, help="training samples used to score channels")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--confidence", type=probability, default=0.9, help="jbr keeps samples whose max probability exceeds this")
+    p.add_argument("--calibration-size", type=positive_int, default=1024, help="training samples used to score channels")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per calibration batch")
     p.add_argument("--no-bn-recalibration", dest="recalibrate_bn", action="store_false",
                    help="keep the BatchNorm statistics instead of re-estimating them after each step")
-    p.add_argument("--finetune-steps", type=int, default=0,
+    p.add_argument("--finetune-steps", type=nonnegative_int, default=0,
                    help="SGD steps after pruning, matching the unpruned model's predictions (label-free)")
-    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--finetune-lr", type=positive_float, default=0.01, help="learning rate of the fine-tuning steps")
     p.add_argument("--test-data", default=None, help="labelled data spec whose test split is used to report accuracy")
-    p.add_argument("--test-size", type=int, default=2000, help="test images used for the accuracy column")
+    p.add_argument("--test-size", type=positive_int, default=2000, help="test images used for the accuracy column")
     p.add_argument("--head", default=None, help="qualified name of the classifier head (default: found automatically)")
     p.add_argument("--ignore", action="append", default=[], metavar="NAME", help="a layer not to prune (repeatable)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset and fine-tuning batches")
-    p.add_argument("-o", "--output", default="pruned.safetensors",
-                   help="the pruned model: a safetensors file that valfree.pruning.load_pruned reads without the factory")
+    add_device(p)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the calibration subset and fine-tuning batches")
+    add_out(p, "pruned.safetensors",
+            "the pruned model: a safetensors file that valfree.pruning.load_pruned reads without the factory",
+            aliases=("--output",))
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..pruning.options import PruneOptions
+
+    check_device(args.device)
+    check_output_file(args.out, "--out", "pruned.safetensors")
     options = PruneOptions(
         target=args.target, global_pruning=args.global_pruning, confidence=args.confidence,
         calibration_size=args.calibration_size, batch_size=args.batch_size, recalibrate_bn=args.recalibrate_bn,
         finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, head=args.head,
         ignored_layers=tuple(args.ignore), device=args.device, seed=args.seed,
     )
-    result = prune_checkpoint(args.checkpoint, model_spec=args.model, data_spec=args.data, output=args.output,
+    if not args.quiet and sys.stderr.isatty():
+        # Pruning runs for minutes with nothing to print until its table; say what it is doing.
+        finetune = f", then {args.finetune_steps} fine-tuning steps" if args.finetune_steps else ""
+        print(f"pruning {args.checkpoint} with {args.criterion}: {100 * args.ratio:g}% of {args.target} in "
+              f"{args.steps} steps{finetune}; this can take minutes on a CPU", file=sys.stderr, flush=True)
+    result = prune_checkpoint(args.checkpoint, model_spec=args.model, data_spec=args.data, output=args.out,
                               criterion=args.criterion, ratio=args.ratio, steps=args.steps, options=options,
                               test_data=args.test_data, test_size=args.test_size)
     print(result.table())
     kept = "" if result.kept_fraction is None else f"; {100 * result.kept_fraction:.1f}% of calibration samples above --confidence"
     print(f"{result.criterion}: removed {100 * result.removed('params'):.1f}% of params and "
           f"{100 * result.removed('macs'):.1f}% of MACs{kept}")
-    print(f"wrote {args.output}")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -77,7 +91,14 @@ def prune_checkpoint(checkpoint: str | os.PathLike, *, model_spec: str, data_spe
     ``test_data`` is a data spec whose 'test' split (its first ``test_size`` items, seeded) is used to
     report accuracy; it never influences the pruning.
     """
+    import torch
+    from torch.utils.data import Subset
+
+    from ..io.checkpoints import load_into
+    from ..io.data import load_dataset
+    from ..io.factory import build_model
     from ..pruning import get_criterion, prune_with, save_pruned
+    from ..pruning.options import PruneOptions, check_arguments
 
     options = options or PruneOptions()
     output = Path(output)

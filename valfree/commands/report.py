@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ValfreeError
-from ..selection import correlations, gap_to_oracle
 from ..selection.label_wave import trailing_mean
 from ..selection.rules import DEFAULT_RULE, LA_COLUMN, PC_COLUMN
+from .arguments import add_out, add_quiet
+from .preflight import check_metrics_file, check_output_file, check_scores_source
 from .select import _column, add_selection_arguments, choose, explain, noise_diagnostic
 
 # Metrics where lower is better; any other metric column is taken as higher-is-better (accuracy, mIoU, AP).
@@ -27,17 +28,25 @@ LOWER_IS_BETTER_METRICS = ("loss", "error", "nll", "mse", "fid", "perplexity", "
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="write a self-contained HTML report with plots")
-    p.add_argument("scores", help="CSV written by 'valfree score'")
-    p.add_argument("--metrics", default=None, help="CSV of held-out metrics (path or step, then metric columns)")
+    p = sub.add_parser("report", help="write a self-contained HTML report with plots",
+                       description="Write a self-contained HTML page explaining a checkpoint choice; held-out "
+                                   "metrics, when given, are shown next to it and never used to choose.")
+    p.add_argument("scores", help="CSV written by 'valfree score' (or a Hugging Face output folder)")
+    p.add_argument("--metrics", default=None,
+                   help="CSV of held-out metrics, for display only (path or step, then metric columns)")
     p.add_argument("--metric", default=None, help="which metric column to use (default: the first)")
     add_selection_arguments(p)
-    p.add_argument("-o", "--output", default="report.html")
+    add_out(p, "report.html", "the HTML file to write", aliases=("--output",))
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    path = write_report(args.scores, args.output, metrics=args.metrics, metric=args.metric, column=args.column,
+    check_scores_source(args.scores)
+    if args.metrics is not None:
+        check_metrics_file(args.metrics, args.metric)
+    check_output_file(args.out, "--out", "report.html")
+    path = write_report(args.scores, args.out, metrics=args.metrics, metric=args.metric, column=args.column,
                         tail=args.tail, ema=args.ema, mode=args.mode, rule=args.rule, patience=args.patience,
                         start=args.start)
     print(f"wrote {path}")
@@ -199,6 +208,8 @@ def write_report(scores_csv, output="report.html", metrics=None, metric=None, co
                  ema: float = 3, mode: str | None = None, title: str = "valfree report", rule: str = DEFAULT_RULE,
                  patience="0.2", start="2") -> Path:
     """Write the HTML report and return its path."""
+    from ..selection import correlations, gap_to_oracle
+
     rows, steps, scores, choice = choose(scores_csv, column, tail, ema, mode, rule, patience, start)
     sel = choice.probe if choice.probe is not None else choose(scores_csv, column, tail, ema, mode, "probe")[3].probe
     metric_values = corr = gap = best = None

@@ -8,66 +8,62 @@ across ranks by :mod:`valfree.commands.score_torchrun`.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..errors import ValfreeError
-from ..io.checkpoints import CheckpointRef, discover_checkpoints, is_hf_checkpoint_dir, load_into
-from ..io.data import SPLITS, load_dataset, probe_batch
-from ..io.factory import build_model
-from ..io.hf_model import build_hf_model
-from ..io.predictions import PredictionSidecar
-from ..io.results import ResultsStore, checkpoint_key, probe_row
-from ..probes import LOSSES, find_head, head_gradient
-from ..probes.batches import move_to
-from ..probes.forward import parameter_dtype
-from ..probes.options import ProbeOptions
-from ..probes.presets import PRESETS, get_preset
+from ..selection.rules import DEFAULT_PRED_SUBSET
 from . import EXIT_PARTIAL_FAILURE
-from .checkpoint_loop import CheckpointLoop, RunSummary
-from .score_predictions import (
-    DEFAULT_PRED_SUBSET,
-    TrainingSubset,
-    agreement_columns,
-    check_finite,
-    digest,
-    probe_and_classes,
-    refresh_prediction_changes,
-)
-from .score_torchrun import torchrun_scoring
+from .arguments import LOSSES, PRESETS, SPLITS, add_device, add_out, add_quiet, label_smoothing, nonnegative_int, positive_int
+from .preflight import check_device, check_output_file
+
+if TYPE_CHECKING:  # torch and the runner's helpers load when a command runs, not when the CLI starts
+    from ..io.checkpoints import CheckpointRef
+    from .checkpoint_loop import RunSummary
 
 TARGETS = ("labels", "pseudo")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("score", help="probe every checkpoint in a folder and write one CSV row per checkpoint")
+    p = sub.add_parser("score", help="probe every checkpoint in a folder and write one CSV row per checkpoint",
+                       description="Probe every checkpoint on one fixed, seeded batch and write one results row per "
+                                   "checkpoint; a rerun skips the checkpoints already scored.")
     p.add_argument("checkpoints", nargs="+", help="a folder, a glob, or checkpoint files")
-    p.add_argument("--model", required=False, help="MODULE:FACTORY or path/to/file.py:FACTORY returning the nn.Module")
+    p.add_argument("--model", required=False,
+                   help="MODULE:FACTORY or path/to/file.py:FACTORY returning the nn.Module "
+                        "(default: none, allowed only when every checkpoint is a Hugging Face checkpoint-N/ folder)")
     p.add_argument("--data", required=True, help="fashion-mnist[:DIR] | digits | npz:PATH | MODULE:FUNCTION")
-    p.add_argument("--out", default="scores.csv", help="results CSV; rerunning skips checkpoints already scored")
+    add_out(p, "scores.csv", "results CSV; rerunning skips checkpoints already scored")
     p.add_argument("--head", default=None, help="qualified name of the head module (default: found automatically)")
-    p.add_argument("--loss", default=None, choices=list(LOSSES),
+    p.add_argument("--loss", default=None, choices=LOSSES,
                    help="loss on the head's output (default: ce); not with --preset")
-    p.add_argument("--preset", default=None, choices=list(PRESETS),
+    p.add_argument("--preset", default=None, choices=PRESETS,
                    help="probe recipe for dense, detection, diffusion and language models (docs/beyond.md); "
-                        "rows record its selection mode")
-    p.add_argument("--targets", default="labels", choices=list(TARGETS),
-                   help="'pseudo' uses the model's own argmax, for unlabeled data")
-    p.add_argument("--batch-size", type=int, default=256, help="size of the fixed probe batch")
-    p.add_argument("--seed", type=int, default=0, help="seed that draws the probe batch")
-    p.add_argument("--split", default="train", choices=list(SPLITS), help="which split to draw the batch from")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--pred-subset", type=int, default=DEFAULT_PRED_SUBSET,
+                        "rows record its selection mode (default: none, the classification probe)")
+    p.add_argument("--targets", default="labels", choices=TARGETS,
+                   help="'labels' uses the data's labels; 'pseudo' uses the model's own argmax, for unlabeled data")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="size of the fixed probe batch")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed that draws the probe batch")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split to draw the batch from")
+    add_device(p)
+    p.add_argument("--label-smoothing", type=label_smoothing, default=0.0,
+                   help="label smoothing of the cross-entropy, in [0, 1)")
+    p.add_argument("--pred-subset", type=nonnegative_int, default=DEFAULT_PRED_SUBSET,
                    help="training items (the probe batch among them) whose predicted classes are recorded for "
                         "prediction changes and label agreement; 0 turns them off")
-    p.add_argument("--max-bytes", type=int, default=None,
+    p.add_argument("--max-bytes", type=positive_int, default=None,
                    help="memory a checkpoint file may ask for when loaded (default: from the file and model size)")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from .score_torchrun import torchrun_scoring
+    from ..io.checkpoints import discover_checkpoints
+
     if args.preset and args.loss:
         raise ValfreeError(f"--loss and --preset cannot be combined: the {args.preset} preset sets its own loss.")
+    check_device(args.device)
+    check_output_file(args.out, "--out", "scores.csv")
     # Under torchrun each rank scores its share into a part file that rank 0 merges; alone, a no-op.
     with torchrun_scoring(args.out, args.device) as ranks:
         refs, note = discover_checkpoints(args.checkpoints)
@@ -75,13 +71,11 @@ def run(args) -> int:
             args.checkpoints, model_spec=args.model, data_spec=args.data, out=ranks.part, head=args.head,
             loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed,
             split=args.split, device=ranks.device, label_smoothing=args.label_smoothing, preset=args.preset,
-            refs=ranks.share(refs), progress=ranks.rank == 0, pred_subset=args.pred_subset,
-            predictions=args.out, max_bytes=args.max_bytes, settings_out=args.out if ranks.world > 1 else None,
+            refs=ranks.share(refs), progress=ranks.rank == 0 and not args.quiet, pred_subset=args.pred_subset,
+            max_bytes=args.max_bytes, settings_out=args.out if ranks.world > 1 else None,
         )
         summary.scored, summary.failed = ranks.sum(summary.scored), ranks.sum(summary.failed)
     summary.out, summary.note, summary.skipped = str(args.out), note, ranks.skipped
-    if ranks.rank == 0 and ranks.world > 1:
-        refresh_prediction_changes(args.out)  # the merged rows, in step order across the ranks' shares
     if ranks.rank == 0:
         print(summary.describe())
     return EXIT_PARTIAL_FAILURE if summary.failed else 0
@@ -104,7 +98,6 @@ def score_checkpoints(
     refs: list[CheckpointRef] | None = None,
     preset: str | None = None,
     pred_subset: int = DEFAULT_PRED_SUBSET,
-    predictions: str | os.PathLike | None = None,
     max_bytes: int | None = None,
     settings_out: str | os.PathLike | None = None,
 ) -> RunSummary:
@@ -118,12 +111,35 @@ def score_checkpoints(
 
     Classification probes (cross-entropy, no preset) also record each checkpoint's predicted classes on
     a seeded training subset of ``pred_subset`` items that contains the probe batch (see
-    :mod:`valfree.commands.score_predictions`), in the sidecar of ``predictions`` (default ``out``),
-    and write ``label_agreement``, ``pred_subset`` and, after the run, ``pred_change``. The store
+    :mod:`valfree.commands.score_predictions`), in the sidecar of ``out``, and write
+    ``label_agreement``, ``pred_subset`` and, after the run, ``pred_change`` (under torchrun,
+    :func:`~valfree.commands.score_torchrun.merge_parts` folds the ranks' sidecars and recomputes it). The store
     records the settings the rows were measured with and refuses to mix in other ones
     (``settings_out``: a file whose settings are checked too, the merged output under torchrun).
     ``max_bytes`` bounds what a checkpoint file may allocate.
     """
+    from ..io.checkpoints import discover_checkpoints, is_hf_checkpoint_dir, load_into
+    from ..io.data import load_dataset
+    from ..io.factory import build_model
+    from ..io.hf_model import build_hf_model
+    from ..io.predictions import PredictionSidecar
+    from ..io.results import ResultsStore, checkpoint_key, probe_row
+    from ..probes import find_head, head_gradient
+    from ..probes.batches import move_to
+    from ..probes.forward import parameter_dtype
+    from ..probes.options import ProbeOptions
+    from ..probes.presets import get_preset
+    from .checkpoint_loop import CheckpointLoop, RunSummary
+    from .preflight import check_model_on_batch, draw_probe_batch
+    from .score_predictions import (
+        TrainingSubset,
+        agreement_columns,
+        check_finite,
+        digest,
+        probe_and_classes,
+        refresh_prediction_changes,
+    )
+
     if pred_subset is None or pred_subset < 0:
         raise ValfreeError(f"--pred-subset must be 0 (off) or a positive number of items, not {pred_subset!r}.")
     recipe = get_preset(preset) if preset else None
@@ -131,9 +147,11 @@ def score_checkpoints(
     if refs is None:
         refs, note = discover_checkpoints(sources)
     dataset = load_dataset(data_spec, split)
+    x, y = draw_probe_batch(dataset, data_spec, batch_size, seed)  # refuses data that cannot be batched
     track = recipe is None and loss == "ce" and pred_subset > 0
     subset = TrainingSubset(dataset, batch_size, pred_subset, seed, data_spec, split) if track else None
-    x, y = (subset.x_probe, subset.y_probe) if subset is not None else probe_batch(dataset, batch_size, seed)
+    if subset is not None:
+        x, y = subset.x_probe, subset.y_probe  # the same items, drawn with the subset
     if targets == "labels" and recipe is not None and not recipe.needs_labels:
         target = y  # the diffusion and lm presets read no labels (lm: an attention mask if y is one)
     elif targets == "labels":
@@ -153,10 +171,12 @@ def score_checkpoints(
         ResultsStore(settings_out, settings=settings)
     summary = RunSummary(out=str(out), note=note)
     store = ResultsStore(out, settings=settings)
-    sidecar = PredictionSidecar(predictions if predictions is not None else out)
+    sidecar = PredictionSidecar(out)
     if subset is not None:
         sidecar.open(subset.meta, subset.label_array())
-    loop = CheckpointLoop(refs, store, summary)
+    # A row scored without its classes (an older valfree, a copied CSV) is scored again, so that its
+    # neighbours' prediction changes can be computed.
+    loop = CheckpointLoop(refs, store, summary, complete=(lambda key: sidecar.get(key) is not None) if subset else None)
     if not loop.todo:
         return summary
     model = None
@@ -167,6 +187,8 @@ def score_checkpoints(
             recipe.check_heads(model, head)
         else:
             find_head(model, head)
+            check_model_on_batch(model, move_to(x, device, parameter_dtype(model)),
+                                 target if isinstance(target, str) else target.to(device), loss=loss)
     elif not all(is_hf_checkpoint_dir(ref.path) for ref in loop.todo):
         raise ValfreeError("--model MODULE:FACTORY is required unless every checkpoint is a Hugging Face checkpoint-N/ folder.")
 
@@ -190,10 +212,14 @@ def score_checkpoints(
         sidecar.put(checkpoint_key(ref.path), classes)
         return {**probe_row(probe), **agreement_columns(classes, subset.label_array())}
 
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        __version__ = version("valfree")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        __version__ = "unknown"
     summary = loop.run(measure, columns=lambda ref: {"step_source": ref.step_source, "valfree_version": __version__},
                        desc="scoring", progress=progress)
-    if subset is not None and (predictions is None or str(predictions) == str(out)):
-        refresh_prediction_changes(out)  # under torchrun the caller does this once the ranks' rows are merged
+    if subset is not None:
+        refresh_prediction_changes(out)
     return summary

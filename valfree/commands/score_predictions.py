@@ -33,9 +33,8 @@ from ..probes.head_gradient import HeadGradient, probe_features
 from ..probes.heads import Head, find_head
 from ..probes.options import ProbeOptions
 from ..probes.prediction_changes import label_agreement, predicted_classes, prediction_changes
+from ..selection.rules import DEFAULT_PRED_SUBSET  # noqa: F401  (the size, chosen as the docstring says)
 
-# See the module docstring for why a few thousand.
-DEFAULT_PRED_SUBSET = 2048
 PC_COLUMNS = ("pred_change", "label_agreement", "pred_subset")
 
 

@@ -67,13 +67,19 @@ def merge_parts(out: str | os.PathLike) -> int:
     parts = sorted(out.parent.glob(f"{out.name}.rank*.part"))
     if not parts:
         return 0
+    from ..io.predictions import PredictionSidecar
+    from .score_predictions import refresh_prediction_changes
+
     rows = [row for p in parts for row in ResultsStore(p).rows()]
     rows.sort(key=lambda r: (_as_float(r.get("step")), str(r.get("path", ""))))
     store = ResultsStore(out)
     for row in rows:
         store.append(row)
+    sidecar = PredictionSidecar(out)
     for p in parts:
+        sidecar.absorb(PredictionSidecar(p))
         ResultsStore.remove(p)
+    refresh_prediction_changes(out)  # each part knew only its share; the order is the merged file's
     return len(rows)
 
 

@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ValfreeError
-from ..io.hf_state import rows_from_trainer_state
-from ..io.results import STATUS_OK, read_scores
-from ..selection import MODES, Selection
+# The rules are numpy only (valfree.selection loads scipy lazily); valfree.io loads torch, so it is
+# imported when a command runs, not when the CLI builds its parsers.
 from ..selection.label_wave import LABEL_WAVE_DEFAULTS
 from ..selection.rules import (
     DEFAULT_RULE,
     LA_COLUMN,
     PC_COLUMN,
-    PROBE_COLUMN,
     RULES,
     SUBSET_COLUMN,
     RuleChoice,
@@ -25,6 +23,11 @@ from ..selection.rules import (
     memorised_fraction,
     select_by_rule,
 )
+from ..selection.select import Selection
+from .arguments import MODES, add_quiet, ema_span, tail as tail_type
+from .preflight import check_scores_source
+
+STATUS_OK = "ok"  # valfree.io.results.STATUS_OK, without importing torch to read it
 
 # Signals where larger means better; every other column is minimised.
 HIGHER_IS_BETTER = {"confidence", "margin"}
@@ -33,9 +36,11 @@ HIGHER_IS_BETTER = {"confidence", "margin"}
 def add_selection_arguments(p) -> None:
     """The selection rule's options, shared by ``select`` and ``report``."""
     p.add_argument("--column", default="grad_norm", help="score column (grad_norm, score_w, score_z, entropy, ...)")
-    p.add_argument("--tail", default="0.2", help="fraction of the trajectory (0.2) or a count of points (10)")
-    p.add_argument("--ema", type=float, default=3, help="EMA span; 1 disables smoothing")
-    p.add_argument("--mode", default=None, choices=list(MODES), help="default: the column's natural direction")
+    p.add_argument("--tail", type=tail_type, default="0.2",
+                   help="the window the choice is made in: a fraction of the trajectory (0.2) or a count of points (10)")
+    p.add_argument("--ema", type=ema_span, default=3, help="EMA span; 1 disables smoothing")
+    p.add_argument("--mode", default=None, choices=MODES,
+                   help="min or max of the smoothed score (default: the column's natural direction)")
     p.add_argument("--rule", default=DEFAULT_RULE, choices=list(RULES),
                    help=f"selection rule (default {DEFAULT_RULE!r}: the probe, unless prediction changes show the model "
                         "memorising labels it had rejected; 'probe': the probe alone; 'label-wave': the first minimum of "
@@ -47,17 +52,60 @@ def add_selection_arguments(p) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("select", help="choose a checkpoint from a scores CSV; prints its path last")
+    p = sub.add_parser("select", help="choose a checkpoint from a scores CSV; prints its path last",
+                       description="Choose a checkpoint from a results CSV (or a Hugging Face output folder) without "
+                                   "labels; the chosen checkpoint's path is the last line printed.")
     p.add_argument("scores", help="CSV written by 'valfree score' (or a Hugging Face output folder)")
     add_selection_arguments(p)
     p.add_argument("--json", action="store_true", help="print the choice as JSON instead of a table")
+    add_quiet(p, help="print only the chosen checkpoint's path (with --json, the JSON only)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    select_from_file(args.scores, column=args.column, tail=args.tail, ema=args.ema, mode=args.mode, as_json=args.json,
-                     rule=args.rule, patience=args.patience, start=args.start)
+    check_scores_source(args.scores)
+    options = dict(column=args.column, tail=args.tail, ema=args.ema, mode=args.mode, rule=args.rule,
+                   patience=args.patience, start=args.start)
+    if args.quiet and not args.json:
+        # Only the chosen path, for scripts: the table goes to a stream nobody reads.
+        import io
+
+        result = select_from_file(args.scores, stream=io.StringIO(), **options)
+        print(result["path"])
+        return 0
+    select_from_file(args.scores, as_json=args.json, **options)
     return 0
+
+
+def json_value(value):
+    """A value as JSON shows it: a float that holds a whole number (a step, a count) as an integer, and
+    NaN or inf as null, which JSON has no number for."""
+    if isinstance(value, dict):
+        return {k: json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+    return value
+
+
+# Fields whose values are whole numbers, though a float array may carry them (steps come from a CSV).
+INTEGER_FIELDS = ("step", "index", "window", "invalid")
+
+
+def json_result(result: dict) -> dict:
+    """``select --json``'s object: steps, indices and windows as integers, NaN as null."""
+    out = json_value(result)
+    for key in INTEGER_FIELDS:
+        value = out.get(key)
+        if isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
+        elif isinstance(value, list):
+            out[key] = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    return out
 
 
 def natural_mode(column: str) -> str:
@@ -88,6 +136,9 @@ def _float(value) -> float:
 
 def load_series(source: str, column: str) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """Rows, steps and scores of ``column``; failed rows get a NaN score so they show up as invalid."""
+    from ..io.hf_state import rows_from_trainer_state
+    from ..io.results import STATUS_OK, read_scores
+
     p = Path(source)
     if p.is_dir():
         rows = rows_from_trainer_state(p)
@@ -201,7 +252,7 @@ def select_from_file(source: str, column: str = "grad_norm", tail="0.2", ema: fl
     result["memorised"] = memorised
     result["warning"] = warning
     if as_json:
-        print(json.dumps(result, indent=2), file=stream)
+        print(json.dumps(json_result(result), indent=2), file=stream)
     else:
         if choice.probe is not None:
             print(selection_table(rows, steps, scores, choice.probe, column, choice.index, _column(rows, PC_COLUMN)), file=stream)

@@ -13,23 +13,29 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..errors import ValfreeError
-from ..io.checkpoints import CheckpointRef, discover_checkpoints, load_into
-from ..io.data import inputs_only, load_dataset, probe_batch
-from ..io.factory import build_model
-from ..io.results import STATUS_OK, ResultsStore, checkpoint_key
-from ..tpv import METHODS, Quantization, SGDNoise, parse_noise, tpv, tpv_stability
-from ..tpv.estimators import OUTPUTS
-from ..tpv.ranking import peak
 from . import EXIT_PARTIAL_FAILURE
-from .checkpoint_loop import CheckpointLoop, RunSummary
+from .arguments import TPV_METHODS, TPV_OUTPUTS, add_device, add_out, add_quiet, at_least, nonnegative_int, positive_int
+from .checkpoint_loop import RunSummary
+from .preflight import check_device, check_output_file
+
+if TYPE_CHECKING:  # torch, valfree.io and valfree.tpv load when the command runs, not when the CLI starts
+    from ..io.checkpoints import CheckpointRef
+    from ..io.results import ResultsStore
+
+# A row's status when it was measured (valfree.io.results.STATUS_OK).
+STATUS_OK = "ok"
 
 # Columns that must agree for rows of one CSV to be comparable.
 CONFIG_COLUMNS = ("noise", "method", "outputs", "data", "test_data", "n_inputs")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tpv", help="test prediction variance of checkpoints under quantization, pruning, SGD or label noise")
+    p = sub.add_parser("tpv", help="test prediction variance of checkpoints under quantization, pruning, SGD or label noise",
+                       description="Measure the test prediction variance (TPV) of every checkpoint under one noise "
+                                   "model, from training inputs alone, into a resumable CSV, a table and a plot.")
     p.add_argument("checkpoints", nargs="+", help="a folder, a glob, or checkpoint files")
     p.add_argument("--model", action="append", default=[],
                    help="MODULE:FACTORY returning the nn.Module; repeat once per checkpoint to compare architectures")
@@ -37,22 +43,28 @@ def add_parser(sub) -> None:
     p.add_argument("--test-data", default=None, help="data spec whose test split's inputs give the test TPV (labels never read)")
     p.add_argument("--noise", required=True,
                    help="quant:8 | quant:4:channel | quant:8:global | iso:1e-3 | sgd:lr=0.1,batch=128[,curvature=hessian] | label:0.1 | prune:0.3")
-    p.add_argument("--method", default="trace", choices=list(METHODS))
-    p.add_argument("--probes", type=int, default=None, help="probes per input (trace) or draws (monte_carlo)")
-    p.add_argument("--inputs", type=int, default=512, help="how many inputs to draw from each split")
-    p.add_argument("--outputs", default="logits", choices=list(OUTPUTS))
-    p.add_argument("--skip", action="append", default=[], help="module kept in full precision under quantization ('head' = the classifier)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="tpv.csv", help="results CSV, one row per checkpoint; rerunning skips those done")
-    p.add_argument("--plot", default=None, help="PNG path (default with --test-data: next to --out)")
+    p.add_argument("--method", default="trace", choices=TPV_METHODS, help="how TPV is estimated")
+    p.add_argument("--probes", type=at_least(2), default=None,
+                   help="probes per input (trace) or draws (monte_carlo), at least 2 (default: the method's own)")
+    p.add_argument("--inputs", type=at_least(2), default=512, help="how many inputs to draw from each split")
+    p.add_argument("--outputs", default="logits", choices=TPV_OUTPUTS, help="which outputs' variance is measured")
+    p.add_argument("--skip", action="append", default=[],
+                   help="module kept in full precision under quantization ('head' = the classifier); repeatable")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the inputs and the probes")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="inputs per forward pass")
+    add_device(p)
+    add_out(p, "tpv.csv", "results CSV, one row per checkpoint; rerunning skips those done")
+    p.add_argument("--plot", default=None, help="PNG file to draw (default: next to --out when --test-data is given)")
     p.add_argument("--rank", action="store_true", help="list checkpoints from lowest to highest TPV instead of by step")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_device(args.device)
+    check_output_file(args.out, "--out", "tpv.csv")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot", "tpv.png")
     result = run_tpv(
         args.checkpoints, args.model, args.data, args.noise, test_data=args.test_data, method=args.method,
         probes=args.probes, inputs=args.inputs, seed=args.seed, outputs=args.outputs, out=args.out, plot=args.plot,
@@ -78,6 +90,8 @@ class TPVRun(RunSummary):
         lines = []
         if self.note:
             lines.append(f"note: {self.note}")
+        from ..tpv.ranking import peak
+
         ok = [r for r in self.rows if r.get("status") == STATUS_OK]
         if len(ok) >= 3:
             steps = [int(r["step"]) for r in ok]
@@ -132,38 +146,77 @@ def _check_config(store: ResultsStore, config: dict) -> None:
 
 
 def write_plot(rows: list[dict], path: str | os.PathLike) -> str:
-    """Train against test TPV with error bars and y = x, or TPV along the run when no test was given."""
+    """Train against test TPV, or TPV along the run when no test was given.
+
+    Each point is labelled with its step. The error bars are two standard errors that count the inputs
+    as a sample too (``tpv_input_stderr``), which is what a comparison of two input sets needs; the
+    legend says so. Against test TPV, the band where the training inputs stand in for the test inputs
+    (the stability verdict's ratio band around y = x) is shaded.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..tpv.stability import STABLE_BAND
+
     ok = [r for r in rows if r.get("status") == STATUS_OK]
-    fig, ax = plt.subplots(figsize=(5, 4.2))
+    steps = [r.get("step") for r in ok]
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    bars = "error bars: ±2 standard errors (over inputs and probes)"
     if ok and ok[0].get("test_tpv") not in (None, ""):
         tr = [float(r["tpv"]) for r in ok]
         te = [float(r["test_tpv"]) for r in ok]
         ax.errorbar(tr, te, xerr=[2 * float(r["tpv_input_stderr"]) for r in ok],
-                    yerr=[2 * float(r["test_tpv_input_stderr"]) for r in ok], fmt="o", ms=4, capsize=2)
-        lo, hi = min(tr + te), max(tr + te)
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="train = test")
+                    yerr=[2 * float(r["test_tpv_input_stderr"]) for r in ok], fmt="o", ms=4, capsize=2,
+                    label="checkpoint; " + bars)
+        finite = [v for v in tr + te if math.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+        log = lo > 0 and hi / lo > 20
+        pad = (hi / lo) ** 0.05 if log else 0.05 * (hi - lo or abs(hi) or 1.0)
+        a, b = (lo / pad, hi * pad) if log else (lo - pad, hi + pad)
+        if log:
+            import numpy as np
+
+            line = np.geomspace(a, b, 50)
+        else:
+            line = [a + (b - a) * i / 49 for i in range(50)]
+        ax.fill_between(line, [v / STABLE_BAND for v in line], [v * STABLE_BAND for v in line], color="C2",
+                        alpha=0.15, lw=0, label=f"stable band: train/test within [{1 / STABLE_BAND:.2f}, {STABLE_BAND:.2f}]")
+        ax.plot(line, line, "k--", lw=1, label="train = test")
+        _label_steps(ax, tr, te, steps)
         ax.set_xlabel("training-set TPV")
         ax.set_ylabel("test-set TPV")
-        if lo > 0 and hi / lo > 20:
+        if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
-        ax.legend()
+        ax.set_xlim(a, b)
+        ax.set_ylim(a, b)
     else:
-        steps = [int(r["step"]) for r in ok]
-        ax.errorbar(steps, [float(r["tpv"]) for r in ok], yerr=[2 * float(r["tpv_stderr"]) for r in ok], fmt="o-", ms=4, capsize=2)
+        xs = [int(s) for s in steps]
+        ys = [float(r["tpv"]) for r in ok]
+        ax.errorbar(xs, ys, yerr=[2 * float(r["tpv_input_stderr"] if r.get("tpv_input_stderr") not in (None, "")
+                                            else r["tpv_stderr"]) for r in ok],
+                    fmt="o-", ms=4, capsize=2, label="checkpoint; " + bars)
+        _label_steps(ax, xs, ys, steps)
         ax.set_xlabel("step")
         ax.set_ylabel("training-set TPV")
+    if ok:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     ax.set_title(f"TPV, {ok[0]['noise'] if ok else ''}", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return str(path)
+
+
+def _label_steps(ax, xs, ys, steps, most: int = 30) -> None:
+    """Write each point's step next to it (every k-th one on a long run, so that labels stay legible)."""
+    every = max(1, math.ceil(len(xs) / most))
+    for i, (x, y, step) in enumerate(zip(xs, ys, steps)):
+        if i % every == 0 or i == len(xs) - 1:
+            ax.annotate(f"{step}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
 
 
 def run_tpv(
@@ -173,6 +226,13 @@ def run_tpv(
     batch_size: int = 256, progress: bool = True,
 ) -> TPVRun:
     """Measure TPV for every checkpoint in ``sources``; see the module docstring."""
+    from ..io.checkpoints import discover_checkpoints, load_into
+    from ..io.data import inputs_only, load_dataset, probe_batch
+    from ..io.factory import build_model
+    from ..io.results import ResultsStore, checkpoint_key
+    from ..tpv import METHODS, Quantization, SGDNoise, parse_noise
+    from .checkpoint_loop import CheckpointLoop
+
     noise = parse_noise(noise_spec)
     # Options that would fail on every checkpoint are refused once, up front.
     if method not in METHODS:
@@ -224,6 +284,8 @@ def run_tpv(
 
 def _tpv_columns(model, x_train, x_test, noise, method: str, estimator: dict) -> dict:
     """The TPV columns of one model: on the training inputs, and with test inputs the stability columns."""
+    from ..tpv import tpv, tpv_stability
+
     if x_test is None:
         return _estimate_columns(tpv(model, x_train, noise, method, **estimator), "")
     result = tpv_stability(model, x_train, x_test, noise, method, **estimator)

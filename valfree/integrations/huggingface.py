@@ -1,43 +1,58 @@
-"""A Hugging Face ``TrainerCallback`` that keeps and loads the best checkpoint by the head-gradient
-probe, and can stop training, with ``eval_strategy="no"``.
+"""A Hugging Face ``TrainerCallback`` that keeps and loads the checkpoint a label-free selection rule
+chooses, and can stop training, with ``eval_strategy="no"``.
 
 At every save (``save_strategy="steps"`` or ``"epoch"``) the callback probes its fixed batch (or takes
-the value piggybacked on the training step), and before the Trainer writes ``checkpoint-N/``:
+the value piggybacked on the training step) and measures prediction changes on its fixed training
+subset, and before the Trainer writes ``checkpoint-N/``:
 
-- appends the probe to ``state.log_history`` (keys ``valfree/<field>``, plus ``valfree/checkpoint``),
-  so it is stored in each ``checkpoint-N/trainer_state.json`` and ``valfree select OUTPUT_DIR`` can
-  read a finished run;
-- sets ``state.best_global_step`` and ``state.best_metric`` to the selection rule's choice, from which
-  the Trainer sets ``state.best_model_checkpoint`` (and protects it from ``save_total_limit``);
-- sets ``control.should_training_stop`` when the early-stopping rule fires.
+- appends the check to ``state.log_history`` (keys ``valfree/<field>``, ``valfree/pred_change``,
+  ``valfree/label_agreement``, ``valfree/pred_subset``, plus ``valfree/checkpoint``), so it is stored
+  in each ``checkpoint-N/trainer_state.json`` and ``valfree select OUTPUT_DIR`` can read a finished run;
+- asks the Trainer to log at this step and adds the same values to the logs every ``on_log`` receives,
+  so every integration the Trainer reports to (TensorBoard, W&B, MLflow, ...) sees them. The callback
+  places itself before the reporting callbacks for that;
+- sets ``state.best_global_step`` and ``state.best_metric`` to the rule's choice, from which the
+  Trainer sets ``state.best_model_checkpoint`` (and protects it from ``save_total_limit``);
+- sets ``control.should_training_stop`` when the rule says stop, never during the warm-up (a share of
+  ``state.max_steps``).
+
+With no probe batch the probe batch and the subset are a seeded draw of the Trainer's training
+dataset, collated by its data collator, and the draw's indices are written next to each checkpoint
+(``checkpoint-N/valfree_probe.json``), so a resumed run probes the same rows.
 
 The Trainer loads the best model only with ``load_best_model_at_end``, which demands an evaluation at
 every save; so this callback loads ``state.best_model_checkpoint`` itself in ``on_train_end``.
 
 On resume the score series is rebuilt from ``state.log_history``, which the Trainer restores from
-``trainer_state.json``; nothing else needs saving. Under DDP every rank probes its share of the fixed
-batch (or its own micro-batch) and the probe covers the global batch.
+``trainer_state.json``. Under DDP every rank probes its share of the fixed batch (or its own
+micro-batch), the probe covers the global batch and the prediction-change counts are summed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 import os
+import sys
 import warnings
 from dataclasses import fields
-
 
 from ..errors import ValfreeError
 from ..io.checkpoints import load_into
 from ..io.results import ResultsStore
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from .distributed import agree_any, shard_batch
-from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
-from .tracking import ScoreTracker
+from ..selection.rules import DEFAULT_RULE
+from .checks import CheckMeasurer
+from .distributed import agree_any
+from .monitor import probe_capture, split_probe_batch
+from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
+from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker, needs_predictions
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError("valfree.huggingface needs transformers: pip install 'valfree[huggingface]'.") from None
@@ -46,21 +61,29 @@ __all__ = ["LOG_PREFIX", "LabelFreeCallback"]
 
 LOG_PREFIX = "valfree/"
 CHECKPOINT_KEY = LOG_PREFIX + "checkpoint"
+STATE_FILE = "valfree_probe.json"
 _NUMERIC = tuple(f.name for f in fields(HeadGradient) if f.name not in ("path", "warnings"))
 
 
 class LabelFreeCallback(TrainerCallback):
     """Label-free best-checkpoint tracking, loading and early stopping for ``transformers.Trainer``.
 
+    Works with no arguments: ``Trainer(..., callbacks=[LabelFreeCallback()])``.
+
     Args:
         probe_batch: the fixed batch: a dict of model inputs with ``labels`` (``"pseudo"`` for the
-            model's own argmax), or ``(inputs, targets)``. Same batch on every rank under DDP.
+            model's own argmax), or ``(inputs, targets)``. Same batch on every rank under DDP. None: a
+            seeded draw of the training dataset (see the module docstring).
         piggyback: use the training step's own forward instead (no extra forward pass); the labels are
             read from the ``labels`` argument of the model call, the logits from the head's output,
             before the optimizer step.
-        score, mode, tail, ema: the selection rule of :func:`valfree.select_checkpoint` (the default is
-            the paper's universal preset, as for ``valfree select``).
-        patience, min_delta: early stopping on the smoothed score (None: never stop).
+        rule: the selection rule of ``valfree select --rule`` (default ``DEFAULT_RULE``).
+        score, mode, tail, ema: the probe the rule follows (see :func:`valfree.select_checkpoint`).
+        patience, min_delta: early stopping by the rule (None: never stop).
+        warmup: no stop during the first ``warmup`` checks (a count) or share of the run's checks (a
+            fraction of ``max_steps``). Default 0.2.
+        pred_subset: training inputs in the prediction-change subset (0: none; default
+            ``DEFAULT_PRED_SUBSET``, or 0 for ``rule="probe"``). probe_size, seed: the drawn probe batch.
         head, loss, label_smoothing, ignore_index: as for :func:`valfree.head_gradient`.
         load_best_at_end: load ``state.best_model_checkpoint`` into the model when training ends.
         results: optional CSV in the format of ``valfree score`` (written by the main process).
@@ -71,12 +94,17 @@ class LabelFreeCallback(TrainerCallback):
         probe_batch=None,
         *,
         piggyback: bool = False,
+        rule: str = DEFAULT_RULE,
         score: str = "grad_norm",
         mode: str = "min",
         tail: float | int = 0.2,
         ema: float = 3,
         patience: int | None = None,
         min_delta: float = 0.0,
+        warmup: float | int = DEFAULT_WARMUP,
+        pred_subset: int | None = None,
+        probe_size: int = DEFAULT_PROBE_SIZE,
+        seed: int = DEFAULT_SEED,
         head=None,
         loss="ce",
         label_smoothing: float = 0.0,
@@ -84,26 +112,51 @@ class LabelFreeCallback(TrainerCallback):
         load_best_at_end: bool = True,
         results: str | os.PathLike | None = None,
     ):
-        if piggyback == (probe_batch is not None):
+        if piggyback and probe_batch is not None:
             raise ValfreeError(
-                "give LabelFreeCallback either probe_batch (a dict of inputs with 'labels') or piggyback=True, not both or neither."
+                "give LabelFreeCallback either probe_batch (a dict of inputs with 'labels') or piggyback=True, not both."
             )
-        self.batch = split_probe_batch(probe_batch) if probe_batch is not None else None
+        if probe_batch is not None:
+            split_probe_batch(probe_batch)  # one clear error now rather than at the first check
+        if pred_subset is None and not needs_predictions(rule):
+            pred_subset = 0
+        self.probe_batch = probe_batch
         self.piggyback, self.load_best_at_end = piggyback, load_best_at_end
         self.requested = self.options = ProbeOptions(head, loss, label_smoothing, ignore_index)
+        self.measurer_args = dict(options=self.requested, pred_subset=pred_subset, probe_size=probe_size, seed=seed)
+        self.measurer = CheckMeasurer(probe_batch, **self.measurer_args)
         # The Trainer rotates checkpoints itself (save_total_limit), so the tracker keeps every path.
         self.tracker_args = dict(score=score, mode=mode, tail=tail, ema=ema, save_top_k=-1, patience=patience,
-                                 min_delta=min_delta, results=results)
+                                 min_delta=min_delta, results=results, rule=rule, warmup=warmup)
         self.tracker = ScoreTracker(**self.tracker_args)
         self.head = None
         self._stack = contextlib.ExitStack()
         self._capture = None
         self._labels = None
         self._last: HeadGradient | None = None
+        self._pending_log: dict | None = None
 
     # ----- setup ------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def _before_reporters(self) -> None:
+        """Move this callback before the Trainer's reporting callbacks, so that the values it adds to
+        the logs in ``on_log`` reach them. The handler is the caller of this hook."""
+        frame = sys._getframe(2)
+        handler = frame.f_locals.get("self")
+        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
+            return
+        callbacks = handler.callbacks
+        mine = callbacks.index(self)
+        reporters = [i for i, cb in enumerate(callbacks) if type(cb).__module__.startswith("transformers.integrations")]
+        if reporters and reporters[0] < mine:
+            callbacks.pop(mine)
+            callbacks.insert(reporters[0], self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._before_reporters()
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._before_reporters()
         if args.save_strategy in (SaveStrategy.NO, "no"):
             raise ValfreeError(
                 "LabelFreeCallback probes at each save, but save_strategy is 'no'; set save_strategy='steps' (with save_steps) or 'epoch'."
@@ -113,19 +166,43 @@ class LabelFreeCallback(TrainerCallback):
                 "the Trainer is also tracking its own best model (metric_for_best_model / load_best_model_at_end); "
                 "unset both, since LabelFreeCallback records and loads the best checkpoint itself."
             )
-        self.head = find_head(model, self.requested.head)
-        self.options = dataclasses.replace(self.requested, head=self.head.module)  # found once, not at every probe
+        self.measurer = CheckMeasurer(self.probe_batch, **self.measurer_args)
+        saved = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+        if state.global_step > 0 and os.path.isfile(saved):
+            with open(saved) as fh:
+                self.measurer.load_state_dict(json.load(fh))
+        if self.probe_batch is None and train_dataloader is not None:
+            self.measurer.offer_loader(train_dataloader)
+        if self.piggyback:
+            self.head = find_head(model, self.requested.head)
+            self.options = dataclasses.replace(self.requested, head=self.head.module)
+        if self.measurer.ready or self.measurer.given is not None:
+            self.measurer.prepare(model)
+            self.head, self.options = self.head or self.measurer.head, self.options if self.piggyback else self.measurer.options
+        elif not self.piggyback:
+            raise ValfreeError(
+                "LabelFreeCallback could not draw a probe batch from the Trainer's training data (it needs a dataset "
+                "with len() and indexing); pass probe_batch= or piggyback=True."
+            )
         self.tracker = ScoreTracker(**{**self.tracker_args, "results": None})
+        self.tracker.expected_checks = self._expected_checks(args, state)
         self._replay(args, state)  # before the results file is attached: replayed rows are already in it
         if self.tracker_args["results"] is not None and state.is_world_process_zero:
             self.tracker.results = ResultsStore(self.tracker_args["results"])
-        if self.batch is not None:
-            inputs, targets = self.batch
-            self.shard = shard_batch(inputs, args.process_index, args.world_size), shard_batch(targets, args.process_index, args.world_size)
-        elif self._capture is None:
+        if self.piggyback and self._capture is None:
             self._capture = self._stack.enter_context(capture_head(self.head))
             handle = model.register_forward_pre_hook(self._grab_labels, with_kwargs=True)
             self._stack.callback(handle.remove)
+
+    @staticmethod
+    def _expected_checks(args, state) -> int | None:
+        if args.save_strategy in (SaveStrategy.STEPS, "steps"):
+            every = state.save_steps if state.save_steps and state.save_steps >= 1 else None
+            if every is None or not state.max_steps or state.max_steps <= 0:
+                return None
+            return max(1, int(state.max_steps // every))
+        epochs = state.num_train_epochs or args.num_train_epochs
+        return max(1, int(math.ceil(epochs))) if epochs else None
 
     def _grab_labels(self, module, args, kwargs):
         self._labels = kwargs.get("labels")
@@ -137,7 +214,8 @@ class LabelFreeCallback(TrainerCallback):
             if key in entry and entry["step"] <= state.global_step:
                 probe = HeadGradient(**{f: entry.get(LOG_PREFIX + f, float("nan")) for f in _NUMERIC}, path="")
                 path = os.path.join(args.output_dir, entry.get(CHECKPOINT_KEY, f"{PREFIX_CHECKPOINT_DIR}-{entry['step']}"))
-                self.tracker.record(int(entry["step"]), probe, path, save=lambda p: None)
+                columns = {c: entry[LOG_PREFIX + c] for c in PC_COLUMNS if LOG_PREFIX + c in entry}
+                self.tracker.record(int(entry["step"]), probe, path, save=lambda p: None, columns=columns)
 
     # ----- measuring --------------------------------------------------------------------------------
 
@@ -166,7 +244,7 @@ class LabelFreeCallback(TrainerCallback):
         if self.piggyback:
             result, self._last = self._last, None
             return result
-        return probe_fixed_batch(model, self.head, *self.shard, self.options)
+        return self.measurer.probe(model)
 
     # ----- at each save -----------------------------------------------------------------------------
 
@@ -184,11 +262,16 @@ class LabelFreeCallback(TrainerCallback):
         probe = self._measure(model)
         if probe is None:
             return
+        columns = self.measurer.columns(model) if self.measurer.ready else {}
         name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         # The Trainer writes checkpoint-N right after this hook; the tracker only records the path.
-        self.tracker.record(state.global_step, probe, os.path.join(args.output_dir, name), save=lambda p: None)
+        self.tracker.record(state.global_step, probe, os.path.join(args.output_dir, name), save=lambda p: None,
+                            columns=columns)
         entry = {LOG_PREFIX + f: getattr(probe, f) for f in _NUMERIC}
         entry[LOG_PREFIX + self.tracker.score + "_ema"] = self.tracker.smoothed[-1]
+        entry.update({LOG_PREFIX + c: v for c, v in columns.items()})
+        self._pending_log = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        control.should_log = True  # so that on_log, and every integration the Trainer reports to, gets them
         entry[CHECKPOINT_KEY] = name
         if state.epoch is not None:
             entry["epoch"] = state.epoch
@@ -200,6 +283,25 @@ class LabelFreeCallback(TrainerCallback):
         stop = agree_any(self.tracker.should_stop(), device=self.head.weight.device)
         if stop:
             control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_log and logs is not None:
+            logs.update(self._pending_log)
+        self._pending_log = None
+
+    def on_save(self, args, state, control, **kwargs):
+        # The probe data (seeded indices or rows) and the previous predictions, next to the checkpoint,
+        # so that a resumed run measures prediction changes on the same rows without a gap.
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not state.is_world_process_zero or not os.path.isdir(folder) or not self.measurer.ready:
+            return
+        data = self.measurer.state_dict()
+        if data["data"] is not None and data["data"].get("source") != "dataset":
+            data["data"] = None  # rows kept as tensors are not written as JSON; the given batch needs no saving
+        tmp = os.path.join(folder, STATE_FILE + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, os.path.join(folder, STATE_FILE))
 
     # ----- the end ----------------------------------------------------------------------------------
 
@@ -213,4 +315,11 @@ class LabelFreeCallback(TrainerCallback):
             warnings.warn(f"LabelFreeCallback: the best checkpoint {best} no longer exists, so the final model is kept.")
             return
         # strict=False: weights tied to the embeddings are not stored twice in the saved file.
+        weights = os.path.join(best, "model.safetensors")
+        if not os.path.isfile(os.path.join(best, "config.json")) and os.path.isfile(weights):
+            # A plain nn.Module trained by the Trainer: its folder holds the weights and no config.
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(weights), strict=False)
+            return
         load_into(model, best, strict=False)

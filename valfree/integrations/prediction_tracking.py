@@ -27,7 +27,10 @@ from ..errors import ValfreeError
 from ..probes.batches import move_to
 from ..probes.forward import call_model
 from ..probes.prediction_changes import predicted_classes
+from ..selection.rules import DEFAULT_PRED_SUBSET  # one size for `valfree score` and training  # noqa: F401
 from .distributed import collective_device, is_distributed, rank_and_world, shard_batch
+
+
 
 
 def _logits_of(output):
@@ -49,12 +52,14 @@ class PredictionTracker:
     none); leave them out for piggyback-only use. ``batch_size`` bounds the forward chunks.
     """
 
-    def __init__(self, inputs=None, labels: torch.Tensor | None = None, batch_size: int = 256, group=None):
+    def __init__(self, inputs=None, labels: torch.Tensor | None = None, batch_size: int = 256, group=None,
+                 shard: bool = True):
         self.group = group
         self.batch_size = int(batch_size)
         rank, world = rank_and_world(group)
-        self.inputs = shard_batch(inputs, rank, world) if inputs is not None and world > 1 else inputs
-        if labels is not None and world > 1:
+        shard = shard and world > 1  # shard=False: each rank already holds its own share
+        self.inputs = shard_batch(inputs, rank, world) if inputs is not None and shard else inputs
+        if labels is not None and shard:
             labels = shard_batch(labels, rank, world)
         self.labels = None if labels is None else torch.as_tensor(labels).reshape(-1).long().cpu()
         self.previous: torch.Tensor | None = None  # the subset's classes at the last check (this rank's share)
@@ -126,6 +131,11 @@ class PredictionTracker:
             self._counts[2] += float((now[keep] == y[keep]).sum())
             self._counts[3] += float(keep.sum())
         self.last_seen[ids] = now
+
+    @property
+    def observed(self) -> bool:
+        """Whether piggybacked batches were counted since the last flush."""
+        return bool(self._counts[1] > 0 or self._counts[3] > 0)
 
     def flush(self) -> dict:
         """The columns over the batches observed since the last flush, then start counting afresh."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -129,6 +130,22 @@ class PredictionSidecar:
         classes = np.asarray(classes).reshape(-1)
         dtype = np.int16 if classes.size == 0 or int(classes.max(initial=0)) < np.iinfo(np.int16).max else np.int32
         _atomic_save(self.dir / key_name(key), classes.astype(dtype))
+
+    def absorb(self, other: "PredictionSidecar") -> int:
+        """Move ``other``'s classes into this sidecar (same subset) and remove ``other``; returns how
+        many checkpoints moved. Used to fold torchrun ranks' part files into the output's sidecar."""
+        meta = other.meta()
+        if meta is None:
+            return 0
+        labels = other.labels()
+        self.open(meta, labels if labels is not None else np.full(meta["size"], -1))
+        moved = 0
+        for path in sorted(other.dir.glob("*.npy")):
+            if path.name != "labels.npy":
+                os.replace(path, self.dir / path.name)
+                moved += 1
+        shutil.rmtree(other.dir, ignore_errors=True)
+        return moved
 
     def get(self, key: tuple) -> np.ndarray | None:
         """The classes recorded for ``key``, or None if there are none (or the file is unreadable)."""

@@ -46,6 +46,11 @@ PROBE_COLUMN = "grad_norm"
 PC_COLUMN = "pred_change"
 LA_COLUMN = "label_agreement"
 SUBSET_COLUMN = "pred_subset"
+# The training items whose classes are recorded per checkpoint. PC near its minimum is a few per cent;
+# its standard error sqrt(p (1 - p) / n) at p = 0.03 is 0.0038 with n = 2048 (0.0027 with 4096, 0.0075
+# with 512), small against the rises the Label Wave point and the guard look for, at half the forward
+# cost of 4096 (docs/benchmarks.md, "Memorisation": PC stderr against subset size).
+DEFAULT_PRED_SUBSET = 2048
 
 # The smallest memorised share the guard is meant to catch: label noise below 5 % costs little, and
 # clean runs keep fitting a few per cent of hard examples late in training.

@@ -49,6 +49,9 @@ class _CallableModule(type(noise)):
         return tpv(*args, **kwargs)
 
 
+import inspect as _inspect  # noqa: E402
 import sys as _sys  # noqa: E402
 
 _sys.modules[__name__].__class__ = _CallableModule
+# help(), IDEs and inspect.signature show the function's parameters, not (*args, **kwargs).
+_sys.modules[__name__].__signature__ = _inspect.signature(tpv)
