@@ -246,50 +246,6 @@ def argument_string(rng: random.Random, name: str, parser: argparse.ArgumentPars
     return argv
 
 
-# ------------------------------------------------------------------------------- fixed elsewhere
-
-# Argument mistakes that end in a traceback on this tree and that the command-line validation branch
-# (checks of devices, output paths and metrics files before any loop) turns into one sentence. The CI run leaves
-# them out (--skip-fixed-elsewhere) until that branch is merged; `make fuzz` keeps them and counts them.
-UNAVAILABLE_DEVICES = {"cuda", "cuda:7", "mps"}
-
-
-def fixed_elsewhere(argv: list[str], parser: argparse.ArgumentParser) -> str | None:
-    try:
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            ns = parser.parse_args(argv[1:])
-    except SystemExit:
-        return None
-    device = getattr(ns, "device", None)
-    if device in UNAVAILABLE_DEVICES and not (torch.cuda.is_available() and device.startswith("cuda")):
-        return "a device this torch lacks"
-    if argv[0] == "report":
-        out = Path(ns.output or ".")
-        if out.is_dir():
-            return "report output is a folder"
-        if any(parent.exists() and not parent.is_dir() for parent in out.parents):
-            return "report output under a file"
-        metrics = Path(ns.metrics) if ns.metrics else None
-        if metrics is not None and metrics.is_dir():
-            return "report metrics file is a folder"
-        if metrics is not None and metrics.is_file():
-            try:
-                rows = list(csv.reader(io.StringIO(metrics.read_bytes().decode("utf-8"))))
-            except (UnicodeDecodeError, csv.Error):
-                return "report metrics file is binary"
-            if any(not _is_number(cell) for row in rows[1:] for cell in row[1:]):
-                return "report metrics file holds text where numbers belong"
-    return None
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 # ------------------------------------------------------------------------------------------- running
 
 
@@ -494,7 +450,7 @@ def kill_round(rng: random.Random, fx: dict, work: Path, i: int, full_seconds: f
 
 
 def run(count: int, seed: int, writers: int, kills: int, processes: int, max_rss_mb: float,
-        keep: str | None = None, known_usage_block: bool | None = None, skip_fixed_elsewhere: bool = False) -> dict:
+        keep: str | None = None, known_usage_block: bool | None = None) -> dict:
     torch.set_num_threads(1)
     rng = random.Random(seed)
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="valfree-cli-fuzz-"))
@@ -509,19 +465,14 @@ def run(count: int, seed: int, writers: int, kills: int, processes: int, max_rss
             known_usage_block = not parser_errors_are_one_line()
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         codes, failures, usage_blocks, slowest = Counter(), [], [], 0.0
-        per_command, skipped, sample_rss = Counter(), Counter(), 0
+        per_command, sample_rss = Counter(), 0
         sample = set(rng.sample(range(count), min(processes, count)))
         t_args = time.monotonic()
         ran = 0
         while ran < count:
-            n = ran + sum(skipped.values())
+            n = ran
             name = names[n % len(names)] if n < len(names) else rng.choice(names)
             argv = argument_string(rng, name, parsers[name], fx, n)
-            if skip_fixed_elsewhere:
-                why = fixed_elsewhere(argv, parsers[name])
-                if why:
-                    skipped[why] += 1
-                    continue
             ran += 1
             per_command[name] += 1
             t0 = time.monotonic()
@@ -556,7 +507,7 @@ def run(count: int, seed: int, writers: int, kills: int, processes: int, max_rss
             "kill_rounds": [f"{r['signal']} at {r['at']}" for r in killed], "writers_seconds": round(full_seconds, 1),
             "failures": failures, "tracebacks": sum("traceback" in str(f["problem"]) for f in failures),
             "payload_ran": payload_ran,
-            "usage_block_known": len(usage_blocks), "skipped_fixed_elsewhere": dict(skipped),
+            "usage_block_known": len(usage_blocks),
             "peak_rss_mb": round(arg_rss / 1024, 1), "peak_growth_mb": round(peak_growth, 1),
             "child_peak_rss_mb": round(child_rss / 1024, 1), "max_rss_mb": max_rss_mb,
             "slowest_run_s": round(slowest, 2), "argument_strings_s": round(arg_seconds, 1),
@@ -577,12 +528,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rss-mb", type=float, default=1500.0,
                         help="bound on any process's peak resident memory (the fuzzer's own and every child's)")
     parser.add_argument("--keep", default=None, help="keep every generated file under this folder")
-    parser.add_argument("--skip-fixed-elsewhere", action="store_true",
-                        help="leave out the argument mistakes listed in fixed_elsewhere()")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
-    result = run(args.count, args.seed, args.writers, args.kills, args.processes, args.max_rss_mb, args.keep,
-                 skip_fixed_elsewhere=args.skip_fixed_elsewhere)
+    result = run(args.count, args.seed, args.writers, args.kills, args.processes, args.max_rss_mb, args.keep)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     over = max(result["peak_rss_mb"], result["child_peak_rss_mb"]) > args.max_rss_mb
     print(json.dumps(result))

@@ -17,8 +17,7 @@ MAX_RSS_MB = 1500
 
 def test_fuzzed_command_lines_never_traceback_lose_rows_or_blow_memory():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    # --skip-fixed-elsewhere: see fixed_elsewhere() in cli_fuzz.py.
-    proc = subprocess.run([sys.executable, "-m", "tests.fuzz.cli_fuzz", "--count", "100", "--seed", "0", "--skip-fixed-elsewhere",
+    proc = subprocess.run([sys.executable, "-m", "tests.fuzz.cli_fuzz", "--count", "100", "--seed", "0",
                            "--writers", "1", "--kills", "1", "--processes", "2", "--max-rss-mb", str(MAX_RSS_MB)],
                           capture_output=True, timeout=900, env=env, cwd=REPO)
     lines = [ln for ln in proc.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
