@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
+from ..batches import move_to
 from ..errors import ValfreeError
 from ..io.checkpoints import CheckpointRef, discover_checkpoints, is_hf_checkpoint_dir, load_into
 from ..io.data import SPLITS, load_dataset, probe_batch
@@ -17,7 +18,6 @@ from ..io.factory import build_model
 from ..io.hf_model import build_hf_model
 from ..io.results import ResultsStore, probe_row
 from ..probes import LOSSES, find_head, head_gradient
-from ..probes.batches import move_to
 from ..probes.forward import parameter_dtype
 from ..probes.presets import PRESETS, get_preset
 from .checkpoint_loop import CheckpointLoop, RunSummary
@@ -120,13 +120,18 @@ def score_checkpoints(
         if recipe is not None:
             recipe.check_heads(model, head)
         else:
-            find_head(model, head)
+            # Traced once on the probe inputs; the name is passed on, so no checkpoint traces again.
+            head = find_head(model, head, move_to(x, device, parameter_dtype(model))).name
     elif not all(is_hf_checkpoint_dir(ref.path) for ref in loop.todo):
         raise ValfreeError("--model MODULE:FACTORY is required unless every checkpoint is a Hugging Face checkpoint-N/ folder.")
 
     def measure(ref: CheckpointRef) -> dict:
+        nonlocal head
         net = load_into(model, ref.path) if model is not None else build_hf_model(ref.path).to(device)
         inputs = move_to(x, device, parameter_dtype(net))
+        if head is None and recipe is None:
+            # Each checkpoint folder builds a new model object of the same architecture: trace the first only.
+            head = find_head(net, None, inputs).name
         probe_target = target if isinstance(target, str) else target.to(device)
         if recipe is not None:
             probe = recipe.probe(net, inputs, probe_target, head=head, seed=seed)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from ..probes.batches import label_of
+from ..batches import label_of
 from .distributed import shard_batch
 from .monitor import probe_capture, probe_fixed_batch, split_probe_batch
 from .tracking import ScoreTracker

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from ..probes.batches import move_to
+from ..batches import move_to
 from ..probes.forward import parameter_dtype
 from .distributed import agree_any, distributed_probe_features, distributed_probe_model, rank_and_world, shard_batch, unwrap
 from .tracking import Best, ScoreTracker

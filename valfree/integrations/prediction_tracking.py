@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from ..probes.batches import move_to
+from ..batches import move_to
 from ..probes.forward import call_model
 from ..probes.prediction_changes import predicted_classes
 from .distributed import collective_device, is_distributed, rank_and_world, shard_batch

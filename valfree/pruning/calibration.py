@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from ..batches import input_of, label_of, move_to
 from ..errors import ValfreeError
-from ..probes.batches import input_of, label_of, move_to
 
 
 @dataclass
