@@ -216,13 +216,20 @@ def forward(model: nn.Module, inputs):
     """Call ``model`` on ``inputs``: a tensor, a tuple of positional arguments, or a mapping of keyword
     arguments (filtered by :func:`keyword_inputs`; a mapping none of whose keys the model takes, but
     with one entry under :data:`INPUT_KEYS`, passes that entry positionally)."""
+    args, kwargs = call_args(model, inputs)
+    return model(*args, **kwargs)
+
+
+def call_args(model: nn.Module, inputs) -> tuple[tuple, dict]:
+    """The positional and keyword arguments :func:`forward` calls ``model`` with, for callers that call
+    it another way (``torch.func.functional_call``)."""
     if isinstance(inputs, Mapping):
         kwargs = keyword_inputs(model, inputs)
         if kwargs:
-            return model(**kwargs)
+            return (), kwargs
         lone = [k for k in inputs if k in INPUT_KEYS]
         if len(lone) == 1:
-            return model(inputs[lone[0]])
+            return (inputs[lone[0]],), {}
         try:
             takes = ", ".join(inspect.signature(model.forward).parameters)
         except (TypeError, ValueError):
@@ -232,8 +239,31 @@ def forward(model: nn.Module, inputs):
             "takes by name; rename the dataset's keys to the model's argument names."
         )
     if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def map_tensors(fn, batch):
+    """``batch`` with ``fn`` applied to every tensor in it (nested tuples, lists and mappings keep
+    their form; a mapping comes back as a plain dict); anything else is kept as it is."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: map_tensors(fn, v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, v) for v in batch)
+    return batch
+
+
+def describe(batch) -> str:
+    """The shapes of a batch for a message: ``(8, 3, 32, 32)`` or ``{input_ids: (8, 12), ...}``."""
+    if isinstance(batch, torch.Tensor):
+        return str(tuple(batch.shape))
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in batch) + ")"
+    return type(batch).__name__
 
 
 def logits_of(output):

@@ -33,10 +33,14 @@ def dataset(split: str = "train") -> TokenTask:
     return TokenTask(48, seed=0 if split == "train" else 1)
 
 
-def tiny_bert():
+def tiny_bert(attention: str | None = None):
+    """A 1-layer BERT classifier from a config (no download). ``attention="eager"`` for forward-mode
+    differentiation, which PyTorch's fused attention does not implement."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2, pad_token_id=PAD)
+    if attention is not None:
+        config._attn_implementation = attention
     torch.manual_seed(0)
     return BertForSequenceClassification(config)

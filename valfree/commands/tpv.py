@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..batches import batch_size_of
 from ..errors import ValfreeError
 from ..io.checkpoints import CheckpointRef, discover_checkpoints, load_into
 from ..io.data import inputs_only, load_dataset, probe_batch
@@ -200,7 +201,7 @@ def run_tpv(
         noise = noise.bind(x_train, y)
     x_test = inputs_only(load_dataset(test_data, "test"), inputs, seed) if test_data else None
     config = {"noise": noise.spec(), "method": method, "outputs": outputs, "data": data_spec,
-              "test_data": test_data or "", "n_inputs": x_train.shape[0]}
+              "test_data": test_data or "", "n_inputs": batch_size_of(x_train)}
     store = ResultsStore(out)
     _check_config(store, config)
     run = TPVRun(out=str(out), note=note)
