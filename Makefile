@@ -1,7 +1,7 @@
 # Thin wrappers over scripts/dev.sh, which also works where make is not installed.
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench bench-quick bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-beyond clean
+.PHONY: setup demo test fuzz bench bench-quick bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-beyond clean
 
 setup:
 	bash scripts/dev.sh setup
@@ -11,6 +11,11 @@ demo:
 
 test:
 	bash scripts/dev.sh test
+
+# Seeded fuzzing of checkpoint loading (docs/security.md): 2000 mutated and hostile files, about a minute.
+# FUZZ_COUNT and FUZZ_SEED change its size and seed.
+fuzz: setup
+	nice -n 10 $(PY) -m tests.fuzz.fuzz --count $${FUZZ_COUNT:-2000} --seed $${FUZZ_SEED:-1}
 
 bench-probe: setup
 	$(PY) benchmarks/probe_speed.py

@@ -1,9 +1,9 @@
 """``python -m benchmarks.evidence COMMAND``.
 
-- ``train [--grid full|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
+- ``train [--grid full|extended|all|quick] [--workers N]``: train the grid's runs, compute their signals, and evaluate every
   checkpoint on the whole test split (all cached).
 - ``report [--grid full|quick]``: selectors, metrics, JSON results and the markdown report, from the cache.
-- ``run`` = ``train`` then ``report`` for the full grid; ``quick`` = the same for the quick grid.
+- ``run`` = ``train --grid all`` (base and extended), ``sweep``, ``perf``, then ``report``; ``quick`` = the same for the quick grid.
 - ``sweep``: TPV train vs test on a teacher-student task, and the regularisation sweep (the U-shape).
 - ``perf``: scoring a folder of checkpoints against a full validation pass on each.
 """
@@ -14,11 +14,11 @@ import argparse
 import sys
 import time
 
-from .config import cache_for, full_grid, quick_grid
+from .config import all_grid, cache_for, extended_grid, full_grid, quick_grid
 
 
 def grid(name: str):
-    return {"full": full_grid, "quick": quick_grid}[name]()
+    return {"full": full_grid, "quick": quick_grid, "extended": extended_grid, "all": all_grid}[name]()
 
 
 def cmd_train(args) -> int:
@@ -31,6 +31,9 @@ def cmd_train(args) -> int:
         cost = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
         first = min(s.seed for s in specs)
         specs = sorted(specs, key=lambda s: (s.seed != first, cost[s.family.name] if s.seed != first else 0, s.seed))
+    if args.cheap_first:  # by family cost (MLP, ViT, CNN, ResNet), seed by seed within a family
+        cost = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
+        specs = sorted(specs, key=lambda s: (cost[s.family.name], s.seed))
     if args.resnet_last:  # the costliest family's last seed goes last: if time runs out, that is what is missing
         last_seed = max(s.seed for s in specs)
         specs = sorted(specs, key=lambda s: s.family.name == "resnet" and s.seed == last_seed)
@@ -68,15 +71,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "report", "run", "quick", "sweep", "perf"])
-    parser.add_argument("--grid", choices=["full", "quick"], default=None)
+    parser.add_argument("--grid", choices=["full", "quick", "extended", "all"], default=None,
+                        help="full: the base grid (36 runs); extended: issue 12's regimes; all: both (one cache)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reverse", action="store_true", help="train the grid in reverse order (for a second runner)")
     parser.add_argument("--coverage", action="store_true", help="seed 0 first, then cheap families' other seeds, costly ones last")
+    parser.add_argument("--cheap-first", action="store_true", help="cheap families first (MLP, ViT, CNN, ResNet), so that a partial grid misses costly runs")
     parser.add_argument("--resnet-last", action="store_true", help="train the ResNet runs of the last seed after all others")
     args = parser.parse_args(argv)
     if args.command in ("run", "quick"):
         args.grid = args.grid or ("quick" if args.command == "quick" else "full")
-        rc = cmd_train(args)
+        # The full report covers the base and the extended grid: train both (one cache).
+        rc = cmd_train(argparse.Namespace(**{**vars(args), "grid": "all" if args.grid == "full" else args.grid}))
         rc |= cmd_sweep(args)
         rc |= cmd_perf(args)
         return rc | cmd_report(args)

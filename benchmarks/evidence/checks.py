@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .selectors import Run, Selector
+from .selectors import Run, Selector, defined_part
 
 
 class EvidenceError(AssertionError):
@@ -33,7 +33,7 @@ def check_trajectory(run: Run, expected: int | None = None) -> None:
 
 
 def check_signal(run: Run, key: str) -> None:
-    x = run.series(key)
+    x = defined_part(key, run.series(key))
     if not np.isfinite(x).all():
         raise EvidenceError(f"{run.name}: signal {key!r} has {int((~np.isfinite(x)).sum())} non-finite values")
     if np.ptp(x) == 0:
@@ -56,6 +56,8 @@ def _planted_run(n: int, signal: str | None, mode: str, best: int, needs=()) -> 
         row = {"step": float(i + 1), "test_acc": 0.5 + (0.3 if i == best else 0.0) + 0.001 * i}
         for key in {signal, *needs} - {None, "test_acc"}:
             row[key] = -low if mode == "max" and key == signal else low
+        if "pred_change" in row and i == 0:
+            row["pred_change"] = float("nan")  # PC_0 is undefined, as in a real run
         rows.append(row)
     return Run(f"planted@{best}", "synthetic", "synthetic", 0, rows)
 

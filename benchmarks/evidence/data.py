@@ -40,6 +40,8 @@ class RunData:
     x_unlabeled: torch.Tensor  # held-out images whose labels are never read
     x_probe: torch.Tensor  # fixed batch of training images for the head-gradient probe and TPV
     y_probe: torch.Tensor
+    probe_index: torch.Tensor  # the probe batch's rows of x_train
+    pred_index: torch.Tensor  # sorted rows of x_train whose predicted classes are recorded (superset of probe_index)
     x_test: torch.Tensor
     y_test: torch.Tensor
 
@@ -58,6 +60,29 @@ def symmetric_noise(labels: torch.Tensor, fraction: float, num_classes: int, rng
     return y
 
 
+def asymmetric_noise(labels: torch.Tensor, fraction: float, num_classes: int, rng: np.random.Generator) -> torch.Tensor:
+    """Move ``fraction`` of the labels (drawn uniformly, exactly that many) from class c to (c + 1) % C."""
+    y = labels.clone()
+    n_flip = int(round(fraction * len(y)))
+    idx = torch.from_numpy(rng.choice(len(y), n_flip, replace=False))
+    y[idx] = (y[idx] + 1) % num_classes
+    return y
+
+
+NOISE = {"symmetric": symmetric_noise, "asymmetric": asymmetric_noise}
+PRED_SEED = 777  # + the run's seed: the prediction subset, drawn apart from the training order
+
+
+def prediction_subset(n_train: int, probe_idx: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """min(size, n_train) training rows, sorted: the probe batch's rows, then rows drawn with a fixed
+    generator (independent of the training order) from the others."""
+    size = min(size, n_train)
+    probe = probe_idx[:size].numpy()
+    others = np.setdiff1d(np.arange(n_train), probe)
+    extra = np.random.default_rng(PRED_SEED + seed).permutation(others)[: size - len(probe)]
+    return torch.from_numpy(np.sort(np.concatenate([probe, extra]))).long()
+
+
 def run_data(spec: RunSpec) -> RunData:
     x_all, y_all = split_tensors(spec.data, "train")
     x_test, y_test = split_tensors(spec.data, "test")
@@ -71,7 +96,8 @@ def run_data(spec: RunSpec) -> RunData:
     train_idx = torch.from_numpy(rng.permutation(rest)[: spec.regime.train_size])
     pool = torch.from_numpy(rng.permutation(pool))
     x_train, y_clean = x_all[train_idx], y_all[train_idx]
-    y_train = symmetric_noise(y_clean, spec.regime.label_noise, 10, rng) if spec.regime.label_noise else y_clean
+    noise = NOISE[spec.regime.noise_type]
+    y_train = noise(y_clean, spec.regime.label_noise, 10, rng) if spec.regime.label_noise else y_clean
     n_val = max(spec.val_sizes)
     if n_val + spec.probe_size > len(pool):
         raise ValueError(f"{spec.name}: the held-out pool of {len(pool)} images cannot hold {n_val} validation + {spec.probe_size} probe images")
@@ -85,5 +111,6 @@ def run_data(spec: RunSpec) -> RunData:
         x_val=x_all[val_idx], y_val=y_all[val_idx],
         x_unlabeled=x_all[unl_idx],
         x_probe=x_train[probe_idx], y_probe=y_train[probe_idx],
+        probe_index=probe_idx, pred_index=prediction_subset(len(x_train), probe_idx, spec.pred_subset, spec.seed),
         x_test=x_test, y_test=y_test,
     )

@@ -122,3 +122,51 @@ def train_vs_test(points: list[tuple[float, float, str]], path: Path, title: str
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def prediction_changes(results: dict, names: list[str], path: Path) -> Path | None:
+    """Per run: PC (left axis), label agreement and test accuracy (right axis) against the step, with
+    the probe's, every rule's and the oracle's choice marked (and whether each rule's guard fired)."""
+    mem = results.get("memorisation") or {}
+    names = [n for n in names if n in results["curves"] and n in mem.get("details", {})]
+    if not names:
+        return None
+    cols = 2
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 2.9 * rows), squeeze=False)
+    rule_colors = plt.get_cmap("tab10")
+    for k, name in enumerate(names):
+        ax = axes[k // cols][k % cols]
+        c = results["curves"][name]
+        x = np.asarray(c["epoch"], dtype=float)
+        ax.plot(x, c["pred_change"], color="tab:purple", lw=1.6, label="prediction changes (PC)")
+        ax.set_ylabel("PC", fontsize=7)
+        ax2 = ax.twinx()
+        ax2.plot(x, c["label_agreement"], color="tab:orange", lw=1.2, label="label agreement (given labels)")
+        ax2.plot(x, c["test_acc"], color="k", lw=1.2, label="test accuracy")
+        ax2.set_ylim(0, 1)
+        chosen = results["per_run"][name]["chosen"]
+        marks = [("probe", chosen["hg_raw"]["index"], "tab:blue", "--")] if "hg_raw" in chosen else []
+        fired = []
+        for i, (rule, d) in enumerate(mem["details"][name].items()):
+            marks.append((rule, d["index"], rule_colors(2 + i), ":"))
+            if d["guard_fired"]:
+                fired.append(rule)
+        marks.append(("oracle", chosen["oracle"]["index"], "k", "-"))
+        for j, (label, idx, color, ls) in enumerate(marks):
+            ax.axvline(x[idx] + 0.003 * j * (x[-1] - x[0]), color=color, ls=ls, lw=1.1, label=f"{label} choice")
+        title = name + (f"  (guard fired: {', '.join(fired)})" if fired else "")
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax2.tick_params(labelsize=7)
+        ax.set_xlabel("epoch", fontsize=7)
+        if k == 0:
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=5.5, loc="upper right")
+    for k in range(len(names), rows * cols):
+        axes[k // cols][k % cols].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -23,10 +23,12 @@ from .metrics import correlation_summary, evaluate_runs, summarise
 from .probe_size import probe_size_summary
 from .selectors import Run, all_selectors
 from .signals import load_signals, merged_rows
-from .trajectories import load_trajectory
+from .memorisation import attach_predictions, memorisation_results
+from .trajectories import load_predictions, load_trajectory
 
 CURVE_KEYS = ("test_acc", "test_loss", "train_loss", "train_acc", "val500_acc", "hg_grad_norm", "hg_score_w", "hg_score_z",
-              "pseudo_grad_norm", "tpv_trace", "tpv_stderr", "ww_alpha", "hg_entropy")
+              "pseudo_grad_norm", "tpv_trace", "tpv_stderr", "ww_alpha", "hg_entropy",
+              "pred_change", "label_agreement", "la_true", "memorised")
 
 
 def collect(specs: list[RunSpec], cache: Path = CACHE) -> tuple[list[Run], list[dict], list[str]]:
@@ -40,7 +42,11 @@ def collect(specs: list[RunSpec], cache: Path = CACHE) -> tuple[list[Run], list[
         sig = load_signals(spec, cache)
         full = load_full_test(spec, cache)
         rows = with_full_test(merged_rows(traj, sig), full)
-        runs.append(Run(spec.name, spec.family.name, spec.regime.name, spec.seed, rows))
+        run = Run(spec.name, spec.family.name, spec.regime.name, spec.seed, rows)
+        pred = load_predictions(spec, cache)
+        if pred is not None:
+            attach_predictions(run, pred)
+        runs.append(run)
         groups = (sig or {}).get("groups", {})
         meta.append({
             "name": spec.name, "params": traj["params"], "train_images": traj["train_images"],
@@ -50,6 +56,7 @@ def collect(specs: list[RunSpec], cache: Path = CACHE) -> tuple[list[Run], list[
             "signal_seconds_per_checkpoint": {g: v["seconds_per_checkpoint"] for g, v in groups.items()},
             "signal_cpu_seconds_per_checkpoint": {g: v.get("cpu_seconds_per_checkpoint", float("nan")) for g, v in groups.items()},
             "cpu_seconds": traj.get("cpu_seconds", float("nan")), "checkpoints": len(traj["checkpoints"]),
+            **({k: traj[k] for k in ("pred_seconds", "pred_cpu_seconds", "pred_subset")} if "pred_cpu_seconds" in traj else {}),
             "signal_status": {g: v["status"] if v["status"] == "ok" else f"failed: {v['error']}" for g, v in groups.items()},
         })
     return runs, meta, missing
@@ -111,6 +118,7 @@ def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Pat
         "correlations": correlation_summary(per_run),
         "tpv_trajectory": tpv_on_trajectories(runs),
         "probe_size": probe_size_summary(runs, specs[0].probe_size),
+        "memorisation": memorisation_results(runs, meta, {s.regime.name: s.regime.__dict__ for s in specs}),
     }
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .config import CACHE, RunSpec
 from .full_test import compute_full_test, load_full_test
-from .signals import GROUPS, compute_signals, load_signals
+from .signals import compute_signals, load_signals, spec_groups
 from .trajectories import RunLocked, load_trajectory, run_lock, train_run
 
 
@@ -32,7 +32,7 @@ def _one(args) -> tuple[str, str]:
 
 def _scored(spec: RunSpec, cache: Path) -> bool:
     record = load_signals(spec, cache)
-    signals_done = record is not None and all(record["groups"].get(g, {}).get("status") == "ok" for g in GROUPS)
+    signals_done = record is not None and all(record["groups"].get(g, {}).get("status") == "ok" for g in spec_groups(spec))
     return signals_done and load_full_test(spec, cache) is not None
 
 

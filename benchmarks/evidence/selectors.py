@@ -16,6 +16,33 @@ import numpy as np
 
 from valfree.selection import UNIVERSAL_PRESET, select_checkpoint
 
+from valfree.probes.prediction_changes import label_agreement, prediction_changes  # noqa: F401
+from valfree.selection.rules import RULES, select_by_rule
+
+try:
+    from valfree.selection.rules import label_noise_estimate
+
+    NOISE_ESTIMATOR = "valfree.selection.rules.label_noise_estimate"
+except ImportError:
+    NOISE_ESTIMATOR = "valfree.selection.rules.memorised_fraction (LA_end - LA_m at the Label Wave point m, 95 % interval)"
+  # the library states the noise diagnostic as the memorised fraction
+    from valfree.selection.rules import memorised_fraction
+
+    def label_noise_estimate(steps, columns):
+        """(estimate, low, high) of the label-noise rate: valfree's memorised fraction LA_end - LA_m
+        and its 95 % interval; None where the run has no PC or label agreement."""
+        out = memorised_fraction(steps, columns)
+        if out is None:
+            return None
+        est = out[0]
+        return est.value, est.low, est.high
+
+
+try:
+    from valfree.selection.rules import DEFAULT_RULE
+except ImportError:
+    DEFAULT_RULE = None
+
 UNIVERSAL = (UNIVERSAL_PRESET["tail"], UNIVERSAL_PRESET["ema"])
 WHOLE_RUN = (1.0, 3)
 # Candidate presets for the per-family tuning: tail fraction x EMA span.
@@ -31,6 +58,8 @@ class Run:
     regime: str
     seed: int
     rows: list[dict]
+    # predictions.npz as plain arrays (steps, pred [T, S], index, given, true), where it was recorded
+    pred: dict | None = None
 
     @property
     def steps(self) -> list[float]:
@@ -59,7 +88,16 @@ class Selector:
 
     def available(self, run: Run) -> bool:
         keys = self.needs or ((self.signal,) if self.signal else ())
-        return all(np.isfinite(run.series(k)).all() for k in keys)
+        return all(np.isfinite(defined_part(k, run.series(k))).all() for k in keys)
+
+
+# Series whose first value is undefined by construction (PC_0 has no predecessor).
+UNDEFINED_FIRST = {"pred_change"}
+
+
+def defined_part(key: str, x: np.ndarray) -> np.ndarray:
+    """The part of a series that must be finite: all of it, or all but the first value of PC."""
+    return x[1:] if key in UNDEFINED_FIRST else x
 
 
 def pick(run: Run, signal: str, mode: str, preset: tuple[float, float]) -> int:
@@ -152,6 +190,24 @@ def rank_combination(run: Run, runs: list[Run]) -> int:
     return select_checkpoint(run.steps, combined, tail=1.0, ema=1, mode="min").index
 
 
+# Columns the rules read, named as in the scores CSV, from the benchmark's row keys.
+RULE_COLUMNS = {"grad_norm": "hg_grad_norm", "pred_change": "pred_change", "label_agreement": "label_agreement"}
+
+
+def rule_columns(run: Run) -> dict[str, np.ndarray]:
+    """The rules' columns, plus ``pred_subset`` (the subset size, as the scores CSV has it) where recorded."""
+    cols = {col: run.series(key) for col, key in RULE_COLUMNS.items()}
+    subset = run.series("pred_subset")
+    if np.isfinite(subset).all():
+        cols["pred_subset"] = subset
+    return cols
+
+
+def rule_selector(rule: str) -> Callable[[Run, list[Run]], int]:
+    """valfree's selection rule ``rule`` on the run's probe score, PC and label agreement (default options)."""
+    return lambda run, runs: int(select_by_rule(rule, run.steps, rule_columns(run)).index)
+
+
 def argbest(key: str, mode: str) -> Callable[[Run, list[Run]], int]:
     """Whole-run argmax/argmin of a labelled series with no smoothing (validation sets, oracle)."""
     return lambda run, runs: select_checkpoint(run.steps, run.series(key), tail=1.0, ema=1, mode=mode).index
@@ -175,6 +231,11 @@ def all_selectors(val_sizes=(100, 500, 1000)) -> list[Selector]:
         Selector("hg_tpv_rank", "mean rank of head gradient and Tr(H_eff), whole run", "remedy", rank_combination, "hg_grad_norm", needs=("hg_grad_norm", "tpv_trace")),
         Selector("ww_alpha", "WeightWatcher alpha (data-free), universal preset", "data-free", preset_selector("ww_alpha", "min"), "ww_alpha"),
         Selector("ww_alpha_whole_run", "WeightWatcher alpha (data-free), whole-run argmin", "data-free", preset_selector("ww_alpha", "min", WHOLE_RUN), "ww_alpha"),
+    ]
+    for rule in RULES:  # every rule valfree offers, by its name (no rule is hard-coded here)
+        s.append(Selector(f"rule:{rule}", f"valfree rule {rule!r} (default options)", "rule", rule_selector(rule),
+                          "hg_grad_norm", needs=tuple(RULE_COLUMNS.values())))
+    s += [
         Selector("last", "last checkpoint", "baseline", lambda run, runs: len(run.rows) - 1, constant_by_design=True),
         Selector("min_train_loss", "minimum training loss (fixed training subset)", "baseline", argbest("train_loss", "min"), "train_loss"),
     ]

@@ -75,13 +75,20 @@ GROUPS = {
 }
 
 
+def spec_groups(spec: RunSpec) -> tuple[str, ...]:
+    """The signal groups computed for ``spec``: its ``signal_groups`` (those that exist), else all."""
+    if spec.signal_groups is None:
+        return tuple(GROUPS)
+    return tuple(g for g in spec.signal_groups if g in GROUPS)
+
+
 def load_signals(spec: RunSpec, cache: Path = CACHE) -> dict | None:
     return read_record(run_dir(spec, cache) / "signals.json", spec, version=SIGNALS_VERSION)
 
 
 def compute_signals(spec: RunSpec, cache: Path = CACHE, groups=None, log=print) -> dict:
     """Compute (or reuse) every signal group for every checkpoint of a trained run."""
-    groups = tuple(GROUPS) if groups is None else groups
+    groups = spec_groups(spec) if groups is None else groups
     traj = load_trajectory(spec, cache)
     if traj is None:
         raise RuntimeError(f"{spec.name}: no trajectory; train it first")

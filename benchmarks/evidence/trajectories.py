@@ -54,8 +54,13 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+# Evaluation batch: on one CPU thread the CNN and ResNet evaluate 2-3x faster in batches of 256 than of
+# 1000 (measured under load: 0.5-0.9 against 1.5-2.9 ms per image); eval-mode outputs do not depend on it.
+EVAL_BATCH = 256
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = EVAL_BATCH) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) in eval mode. Evaluation only, never used by a label-free selector."""
     was = model.training
     model.eval()
@@ -74,7 +79,7 @@ def val_accuracies(model: nn.Module, data: RunData, sizes) -> dict:
     """Accuracy and loss of the first k held-out images for each validation size k (nested sets)."""
     was = model.training
     model.eval()
-    out = model(data.x_val)
+    out = torch.cat([model(data.x_val[i : i + EVAL_BATCH]) for i in range(0, len(data.x_val), EVAL_BATCH)])
     model.train(was)
     hits = (out.argmax(1) == data.y_val).float()
     losses = F.cross_entropy(out, data.y_val, reduction="none")
@@ -87,15 +92,23 @@ def val_accuracies(model: nn.Module, data: RunData, sizes) -> dict:
 
 def make_optimizer(spec: RunSpec, model: nn.Module, total_steps: int):
     fam, reg = spec.family, spec.regime
-    if fam.optimizer == "adamw":
+    name = reg.optimizer or fam.optimizer
+    lr = reg.lr if reg.lr is not None else fam.lr
+    if name == "adamw":
         # AdamW's decoupled decay: the regime's SGD-scale weight decay, scaled up as is usual for AdamW.
-        opt = torch.optim.AdamW(model.parameters(), lr=fam.lr, weight_decay=100 * reg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=100 * reg.weight_decay)
+    elif name == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=reg.weight_decay)
+    elif name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=reg.weight_decay)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=fam.lr, momentum=0.9, nesterov=True, weight_decay=reg.weight_decay)
+        raise ValueError(f"unknown optimizer {name!r}")
     if reg.schedule == "cosine":
         lam = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))  # noqa: E731
     elif reg.schedule == "constant":
         lam = lambda s: 1.0  # noqa: E731
+    elif reg.schedule == "step":
+        lam = lambda s: 1.0 if s < 0.5 * total_steps else (0.1 if s < 0.75 * total_steps else 0.01)  # noqa: E731
     else:
         raise ValueError(f"unknown schedule {reg.schedule!r}")
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lam)
@@ -119,6 +132,27 @@ def training_steps(spec: RunSpec, model: nn.Module, data, opt, sched, label_smoo
             sched.step()
             step += 1
             yield step, float(loss.detach())
+
+
+@torch.no_grad()
+def predicted_classes(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Argmax classes in eval mode (int16), in batches."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    model.train(was)
+    return out.to(torch.int16)
+
+
+def load_predictions(spec: RunSpec, cache: Path = CACHE) -> dict | None:
+    """The run's predictions.npz as plain arrays (steps, pred, index, given, true), or None."""
+    import numpy as np
+
+    path = run_dir(spec, cache) / "predictions.npz"
+    if not path.exists() or load_trajectory(spec, cache) is None:
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def checkpoint_steps(total_steps: int, count: int) -> list[int]:
@@ -212,7 +246,9 @@ def _train(spec: RunSpec, cache: Path, log) -> dict:
     total = spec.regime.epochs * steps_per_epoch
     save_at = set(checkpoint_steps(total, spec.checkpoints))
     opt, sched = make_optimizer(spec, model, total)
-    rows, t_train, t_eval = [], 0.0, 0.0
+    rows, t_train, t_eval, t_pred, cpu_pred = [], 0.0, 0.0, 0.0, 0.0
+    x_pred = data.x_train[data.pred_index]
+    preds = []
     cpu_start = time.process_time()  # CPU time of the whole loop (training and evaluation), load-independent
     running, running_n = 0.0, 0
     t0 = time.perf_counter()
@@ -235,6 +271,10 @@ def _train(spec: RunSpec, cache: Path, log) -> dict:
             "lr": opt.param_groups[0]["lr"],
             **val_accuracies(model, data, spec.val_sizes),
         }
+        t2, c2 = time.perf_counter(), time.process_time()
+        preds.append(predicted_classes(model, x_pred))
+        t_pred += time.perf_counter() - t2
+        cpu_pred += time.process_time() - c2
         rows.append(row)
         running, running_n = 0.0, 0
         t_eval += time.perf_counter() - t1
@@ -242,12 +282,25 @@ def _train(spec: RunSpec, cache: Path, log) -> dict:
     t_train += time.perf_counter() - t0
     if len(rows) != len(save_at):
         raise RuntimeError(f"{spec.name}: saved {len(rows)} checkpoints, expected {len(save_at)}")
+    import numpy as np
+
+    # Written before trajectory.json, the "run complete" marker: plain int arrays, no pickle.
+    np.savez(
+        out / "predictions.npz",
+        steps=np.array([r["step"] for r in rows], dtype=np.int64),
+        pred=torch.stack(preds).numpy().astype(np.int16),
+        index=data.pred_index.numpy().astype(np.int64),
+        given=data.y_train[data.pred_index].numpy().astype(np.int64),
+        true=data.y_train_clean[data.pred_index].numpy().astype(np.int64),
+    )
     record = {
         "key": spec.key(), "name": spec.name, "spec": spec.as_dict(),
         "family": spec.family.name, "regime": spec.regime.name, "seed": spec.seed,
         "params": sum(p.numel() for p in model.parameters()),
         "train_images": n, "test_images": len(data.x_test), "total_steps": total,
         "train_seconds": t_train, "eval_seconds": t_eval, "cpu_seconds": time.process_time() - cpu_start, "checkpoints": rows,
+        # The prediction pass on the recorded subset (part of eval_seconds / cpu_seconds), for its cost.
+        "pred_seconds": t_pred, "pred_cpu_seconds": cpu_pred, "pred_subset": len(data.pred_index),
         "torch_threads": torch.get_num_threads(),
     }
     write_json_atomic(out / "trajectory.json", record)

@@ -147,3 +147,65 @@ def test_full_test_pass_equals_evaluating_the_whole_split(tmp_path):
             acc, loss = evaluate(model, x, y)
         assert row["test_acc_full"] == pytest.approx(acc, abs=1e-12)
         assert row["test_loss_full"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_predictions_are_recorded_per_checkpoint(tiny):
+    """predictions.npz: plain int arrays, one row per checkpoint, on a seeded training subset that holds
+    the probe batch; the given labels are the (noisy) training labels, and the rows equal a direct
+    eval-mode argmax of the saved checkpoints."""
+    import torch
+
+    from benchmarks.evidence.data import run_data
+    from benchmarks.evidence.trajectories import load_trajectory, run_dir
+    from valfree.io.checkpoints import load_into
+
+    specs, cache, _ = tiny
+    for spec in specs:
+        traj = load_trajectory(spec, cache)
+        with np.load(run_dir(spec, cache) / "predictions.npz", allow_pickle=False) as z:
+            p = {k: z[k] for k in z.files}
+        data = run_data(spec)
+        n_train = len(data.x_train)
+        S = min(spec.pred_subset, n_train)
+        assert p["pred"].dtype == np.int16 and p["pred"].shape == (len(traj["checkpoints"]), S)
+        assert p["steps"].tolist() == [ck["step"] for ck in traj["checkpoints"]]
+        assert len(np.unique(p["index"])) == S and set(data.probe_index.tolist()) <= set(p["index"].tolist())
+        assert np.array_equal(p["given"], data.y_train[p["index"]].numpy())
+        assert np.array_equal(p["true"], data.y_train_clean[p["index"]].numpy())
+        wrong = p["given"] != p["true"]
+        if spec.regime.label_noise:
+            assert 0.15 < wrong.mean() < 0.45
+            if spec.regime.noise_type == "asymmetric":
+                assert np.array_equal(p["given"][wrong], (p["true"][wrong] + 1) % 10)
+        else:
+            assert not wrong.any()
+        assert traj["pred_subset"] == S and traj["pred_cpu_seconds"] > 0
+        model = spec.family.build(data.in_size)
+        for t in (0, len(p["steps"]) - 1):
+            load_into(model, run_dir(spec, cache) / traj["checkpoints"][t]["path"])
+            model.eval()
+            with torch.no_grad():
+                direct = model(data.x_train[torch.from_numpy(p["index"])]).argmax(1).numpy()
+            assert np.array_equal(p["pred"][t], direct)
+    # The subset is drawn apart from the training order: the same for any pred_subset >= n_train.
+    assert specs[-2].pred_subset == 256 and len(np.load(run_dir(specs[-2], cache) / "predictions.npz")["index"]) == 256
+
+
+def test_memorisation_section(tiny, tmp_path):
+    """Every valfree rule is a selector; the memorisation results and section render from the JSON."""
+    from benchmarks.evidence.selectors import RULES
+
+    specs, cache, results = tiny
+    overall = {row["selector"] for row in results["summary"]["overall"]}
+    assert {f"rule:{r}" for r in RULES} <= overall
+    mem = json.loads(json.dumps(results["memorisation"]))
+    assert set(mem["details"]) == {s.name for s in specs}
+    for name, rules in mem["details"].items():
+        assert set(rules) == set(RULES)
+        assert all(math.isfinite(d["gap"]) for d in rules.values())
+        assert results["curves"][name]["pred_change"][0] != results["curves"][name]["pred_change"][0]  # PC_0 is NaN
+    sizes = {s["size"]: s for s in mem["subset_size"]["sizes"]}
+    assert sizes[512]["runs"] == len(specs) - 1  # the 256-image subset is too small for n=512
+    text = report.render(json.loads(json.dumps(results)), None, tmp_path / "img", "tiny")
+    assert "## Memorisation" in text and "### PC's standard error" in text
+    assert (tmp_path / "img" / "evidence_prediction_changes.png").exists()

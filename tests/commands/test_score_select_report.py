@@ -121,7 +121,7 @@ def test_nan_logits_flagged_and_others_intact(run_dir, tmp_path):
     assert main(["score", str(run_dir), "--model", MODEL, "--data", "digits", "--out", str(out)]) == 1
     table = rows(out)
     assert sum(r["status"] == "ok" for r in table) == 12
-    assert "NaN or infinite logits" in [r for r in table if r["step"] == "800"][0]["error"]
+    assert "non-finite weights (NaN or inf) in fc.weight" in [r for r in table if r["step"] == "800"][0]["error"]
 
 
 def test_labels_out_of_range_are_flagged_per_row(run_dir, tmp_path):

@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..errors import ValfreeError
+from ..errors import NonFinite, ValfreeError
 from ..io.checkpoints import CheckpointRef
-from ..io.results import STATUS_FAILED, STATUS_OK, ResultsStore, checkpoint_key, identity_columns
+from ..io.results import STATUS_FAILED, STATUS_NONFINITE, STATUS_OK, ResultsStore, checkpoint_key, identity_columns
 
 # A measurement: the result columns of one checkpoint, or an exception that fails only that checkpoint.
 Measure = Callable[[CheckpointRef], dict]
@@ -88,7 +88,8 @@ class CheckpointLoop:
                 row.update(status=STATUS_OK, error="")
                 summary.scored += 1
             except Exception as exc:  # one bad checkpoint must not stop the other ninety-nine
-                row.update(status=STATUS_FAILED, error=failure_message(exc))
+                status = STATUS_NONFINITE if isinstance(exc, NonFinite) else STATUS_FAILED
+                row.update(status=status, error=failure_message(exc))
                 summary.failed += 1
                 summary.failures.append((row["path"], row["error"]))
             self.store.append(row)

@@ -16,13 +16,24 @@ from ..io.checkpoints import CheckpointRef, discover_checkpoints, is_hf_checkpoi
 from ..io.data import SPLITS, load_dataset, probe_batch
 from ..io.factory import build_model
 from ..io.hf_model import build_hf_model
-from ..io.results import ResultsStore, probe_row
+from ..io.predictions import PredictionSidecar
+from ..io.results import ResultsStore, checkpoint_key, probe_row
 from ..probes import LOSSES, find_head, head_gradient
 from ..probes.forward import parameter_dtype
+from ..probes.options import ProbeOptions
 from ..probes.presets import PRESETS, get_preset
-from .checkpoint_loop import CheckpointLoop, RunSummary
-from .score_torchrun import torchrun_scoring
 from . import EXIT_PARTIAL_FAILURE
+from .checkpoint_loop import CheckpointLoop, RunSummary
+from .score_predictions import (
+    DEFAULT_PRED_SUBSET,
+    TrainingSubset,
+    agreement_columns,
+    check_finite,
+    digest,
+    probe_and_classes,
+    refresh_prediction_changes,
+)
+from .score_torchrun import torchrun_scoring
 
 TARGETS = ("labels", "pseudo")
 
@@ -46,6 +57,11 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default="train", choices=list(SPLITS), help="which split to draw the batch from")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--pred-subset", type=int, default=DEFAULT_PRED_SUBSET,
+                   help="training items (the probe batch among them) whose predicted classes are recorded for "
+                        "prediction changes and label agreement; 0 turns them off")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="memory a checkpoint file may ask for when loaded (default: from the file and model size)")
     p.set_defaults(func=run)
 
 
@@ -59,10 +75,13 @@ def run(args) -> int:
             args.checkpoints, model_spec=args.model, data_spec=args.data, out=ranks.part, head=args.head,
             loss=args.loss or "ce", targets=args.targets, batch_size=args.batch_size, seed=args.seed,
             split=args.split, device=ranks.device, label_smoothing=args.label_smoothing, preset=args.preset,
-            refs=ranks.share(refs), progress=ranks.rank == 0,
+            refs=ranks.share(refs), progress=ranks.rank == 0, pred_subset=args.pred_subset,
+            predictions=args.out, max_bytes=args.max_bytes, settings_out=args.out if ranks.world > 1 else None,
         )
         summary.scored, summary.failed = ranks.sum(summary.scored), ranks.sum(summary.failed)
     summary.out, summary.note, summary.skipped = str(args.out), note, ranks.skipped
+    if ranks.rank == 0 and ranks.world > 1:
+        refresh_prediction_changes(args.out)  # the merged rows, in step order across the ranks' shares
     if ranks.rank == 0:
         print(summary.describe())
     return EXIT_PARTIAL_FAILURE if summary.failed else 0
@@ -84,6 +103,10 @@ def score_checkpoints(
     progress: bool = True,
     refs: list[CheckpointRef] | None = None,
     preset: str | None = None,
+    pred_subset: int = DEFAULT_PRED_SUBSET,
+    predictions: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
+    settings_out: str | os.PathLike | None = None,
 ) -> RunSummary:
     """Probe each checkpoint on the same seeded batch and append one row per checkpoint to ``out``.
 
@@ -92,13 +115,25 @@ def score_checkpoints(
     ``refs`` (already discovered checkpoints, e.g. one rank's share under torchrun) overrides ``sources``.
     ``preset`` (see :mod:`valfree.probes.presets`) replaces ``loss`` with a dense, detection, diffusion or
     language-model probe; its rows also record ``preset`` and the selection ``mode`` it was measured with.
+
+    Classification probes (cross-entropy, no preset) also record each checkpoint's predicted classes on
+    a seeded training subset of ``pred_subset`` items that contains the probe batch (see
+    :mod:`valfree.commands.score_predictions`), in the sidecar of ``predictions`` (default ``out``),
+    and write ``label_agreement``, ``pred_subset`` and, after the run, ``pred_change``. The store
+    records the settings the rows were measured with and refuses to mix in other ones
+    (``settings_out``: a file whose settings are checked too, the merged output under torchrun).
+    ``max_bytes`` bounds what a checkpoint file may allocate.
     """
+    if pred_subset is None or pred_subset < 0:
+        raise ValfreeError(f"--pred-subset must be 0 (off) or a positive number of items, not {pred_subset!r}.")
     recipe = get_preset(preset) if preset else None
     note = None
     if refs is None:
         refs, note = discover_checkpoints(sources)
     dataset = load_dataset(data_spec, split)
-    x, y = probe_batch(dataset, batch_size, seed)
+    track = recipe is None and loss == "ce" and pred_subset > 0
+    subset = TrainingSubset(dataset, batch_size, pred_subset, seed, data_spec, split) if track else None
+    x, y = (subset.x_probe, subset.y_probe) if subset is not None else probe_batch(dataset, batch_size, seed)
     if targets == "labels" and recipe is not None and not recipe.needs_labels:
         target = y  # the diffusion and lm presets read no labels (lm: an attention mask if y is one)
     elif targets == "labels":
@@ -109,8 +144,19 @@ def score_checkpoints(
         target = y
     else:
         target = "pseudo"
+    settings = {
+        "data": data_spec, "split": split, "seed": seed, "batch_size": batch_size, "probe_batch": digest(x),
+        "head": head, "loss": loss if recipe is None else None, "targets": targets, "preset": preset,
+        "label_smoothing": label_smoothing, "pred_subset": subset.size if subset is not None else 0,
+    }
+    if settings_out is not None:
+        ResultsStore(settings_out, settings=settings)
     summary = RunSummary(out=str(out), note=note)
-    loop = CheckpointLoop(refs, ResultsStore(out), summary)
+    store = ResultsStore(out, settings=settings)
+    sidecar = PredictionSidecar(predictions if predictions is not None else out)
+    if subset is not None:
+        sidecar.open(subset.meta, subset.label_array())
+    loop = CheckpointLoop(refs, store, summary)
     if not loop.todo:
         return summary
     model = None
@@ -125,17 +171,34 @@ def score_checkpoints(
     elif not all(is_hf_checkpoint_dir(ref.path) for ref in loop.todo):
         raise ValfreeError("--model MODULE:FACTORY is required unless every checkpoint is a Hugging Face checkpoint-N/ folder.")
 
+    options = ProbeOptions(head=head, loss=loss, label_smoothing=label_smoothing)
+
     def measure(ref: CheckpointRef) -> dict:
         nonlocal head
-        net = load_into(model, ref.path) if model is not None else build_hf_model(ref.path).to(device)
-        inputs = move_to(x, device, parameter_dtype(net))
+        net = (load_into(model, ref.path, max_bytes=max_bytes) if model is not None
+               else build_hf_model(ref.path, max_bytes=max_bytes).to(device))
         if head is None and recipe is None:
             # Each checkpoint folder builds a new model object of the same architecture: trace the first only.
-            head = find_head(net, None, inputs).name
+            head = find_head(net, None, move_to(x, device, parameter_dtype(net))).name
         probe_target = target if isinstance(target, str) else target.to(device)
         if recipe is not None:
-            probe = recipe.probe(net, inputs, probe_target, head=head, seed=seed)
+            probe = recipe.probe(net, move_to(x, device, parameter_dtype(net)), probe_target, head=head, seed=seed)
+            check_finite(probe)
             return {"preset": recipe.name, "mode": recipe.mode, **probe_row(probe)}
-        return probe_row(head_gradient(net, inputs, probe_target, head=head, loss=loss, label_smoothing=label_smoothing))
+        if subset is None:
+            probe = head_gradient(net, move_to(x, device, parameter_dtype(net)), probe_target, head=head, loss=loss,
+                                  label_smoothing=label_smoothing)
+            check_finite(probe)
+            return probe_row(probe)
+        probe, classes = probe_and_classes(net, head, subset, probe_target, options, device, batch_size)
+        check_finite(probe)
+        sidecar.put(checkpoint_key(ref.path), classes)
+        return {**probe_row(probe), **agreement_columns(classes, subset.label_array())}
 
-    return loop.run(measure, columns=lambda ref: {"step_source": ref.step_source}, desc="scoring", progress=progress)
+    from .. import __version__
+
+    summary = loop.run(measure, columns=lambda ref: {"step_source": ref.step_source, "valfree_version": __version__},
+                       desc="scoring", progress=progress)
+    if subset is not None and (predictions is None or str(predictions) == str(out)):
+        refresh_prediction_changes(out)  # under torchrun the caller does this once the ranks' rows are merged
+    return summary

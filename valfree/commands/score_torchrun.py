@@ -73,7 +73,7 @@ def merge_parts(out: str | os.PathLike) -> int:
     for row in rows:
         store.append(row)
     for p in parts:
-        p.unlink()
+        ResultsStore.remove(p)
     return len(rows)
 
 

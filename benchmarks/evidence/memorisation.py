@@ -1,0 +1,218 @@
+"""Issue 12's evidence: prediction changes (Label Wave), label agreement and valfree's selection rules.
+
+From each run's ``predictions.npz`` (the predicted classes of a fixed training subset at every
+checkpoint, see trajectories.py) this module derives the columns the rules read (``pred_change``,
+``label_agreement``), and the evaluation-only ones (agreement with the clean labels, the share of
+mislabelled examples fitted to their wrong label). It then measures, per regime:
+
+- every rule's gap to the best checkpoint next to the last checkpoint, the probe and the labelled sets
+  (the gaps themselves come from the selectors, metrics.py);
+- how often each rule's guard fired, and the runs where a rule is worse than the probe alone;
+- the label-noise estimate against the true rate;
+- PC's standard error against the subset size, and what the size does to each rule's mean gap;
+- the cost of the prediction pass.
+
+Nothing here tunes a rule: each rule runs with its default options.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .selectors import DEFAULT_RULE, NOISE_ESTIMATOR, RULE_COLUMNS, RULES, Run, gap, label_agreement, label_noise_estimate, prediction_changes, rule_columns, select_by_rule
+
+SUBSET_SIZES = (512, 1024, 2048, 4096)
+SUBSET_DRAWS = 10  # random subsamples of the recorded subset per size (< the recorded size)
+PLOT_PREFERENCE = ("clean", "noisy", "noisy-step", "tiny", "asym40", "clean-bn-highlr", "clean-step", "noisy60",
+                   "noisy-constant", "noisy-adam", "noisy20", "small")
+
+
+def attach_predictions(run: Run, pred: dict) -> Run:
+    """``run`` with the prediction columns added to its rows and the arrays kept on ``run.pred``."""
+    steps = [int(s) for s in pred["steps"]]
+    if steps != [int(s) for s in run.steps]:
+        raise ValueError(f"{run.name}: predictions.npz steps {steps[:3]}... differ from the trajectory's")
+    p = pred["pred"]
+    given, true = pred["given"], pred["true"]
+    wrong = given != true
+    pc = prediction_changes(p)
+    la = label_agreement(p, given)
+    la_true = label_agreement(p, true)
+    # Evaluation only: the share of the subset's mislabelled examples predicted as their wrong label.
+    memorised = (p[:, wrong] == given[wrong][None, :]).mean(axis=1) if wrong.any() else np.zeros(len(p))
+    for i, row in enumerate(run.rows):
+        row.update(pred_change=float(pc[i]), label_agreement=float(la[i]), la_true=float(la_true[i]), memorised=float(memorised[i]),
+                   pred_subset=float(p.shape[1]))
+    run.pred = pred
+    return run
+
+
+def _columns(run: Run, pred_matrix=None, given=None) -> dict[str, np.ndarray]:
+    """The rules' columns; with ``pred_matrix``, PC, label agreement and the subset size from those columns."""
+    cols = rule_columns(run)
+    if pred_matrix is not None:
+        cols["pred_change"] = prediction_changes(pred_matrix)
+        cols["label_agreement"] = label_agreement(pred_matrix, given)
+        cols["pred_subset"] = np.full(len(pred_matrix), float(pred_matrix.shape[1]))
+    return cols
+
+
+def _true_rate(regime_meta: dict) -> float:
+    return float(regime_meta.get("label_noise", 0.0))
+
+
+def rule_details(runs: list[Run]) -> dict:
+    """Per run and rule: the choice, its gap, whether the guard fired, and the rule's reason."""
+    out = {}
+    for run in runs:
+        if run.pred is None:
+            continue
+        cols = _columns(run)
+        rec = {}
+        for rule in RULES:
+            choice = select_by_rule(rule, run.steps, cols)
+            rec[rule] = {"index": int(choice.index), "step": float(choice.step), "gap": gap(run, int(choice.index)),
+                         "guard_fired": None if choice.guard_fired is None else bool(choice.guard_fired),
+                         "reason": str(choice.reason)}
+        out[run.name] = rec
+    return out
+
+
+def noise_estimates(runs: list[Run], regimes: dict) -> dict:
+    """Per run: the label-noise estimate (estimate, low, high) against the regime's rate and the subset's."""
+    out = {}
+    for run in runs:
+        if run.pred is None:
+            continue
+        est = label_noise_estimate(run.steps, _columns(run))
+        subset_rate = float(np.mean(run.pred["given"] != run.pred["true"]))
+        true = _true_rate(regimes.get(run.regime, {}))
+        out[run.name] = {"regime": run.regime, "family": run.family, "true_rate": true, "subset_rate": subset_rate,
+                         "estimate": None if est is None else float(est[0]),
+                         "low": None if est is None else float(est[1]), "high": None if est is None else float(est[2])}
+    return out
+
+
+def subset_size_study(runs: list[Run], regimes: dict, sizes=SUBSET_SIZES, draws=SUBSET_DRAWS) -> dict:
+    """PC's standard error and each rule's gap when PC/LA come from a random part of the recorded subset.
+
+    For a size n below the recorded size S, ``draws`` subsets of n columns are drawn without
+    replacement (seeded). Two standard errors are reported per size, averaged over checkpoints t >= 1
+    and runs: the binomial sqrt(PC_t (1 - PC_t) / n) (a subset drawn from a large training set), and the
+    spread of PC_t over the draws divided by the finite-population factor sqrt(1 - n / S) (an
+    empirical check of the first; n/a at n = S).
+    """
+    per_size = {n: {"binom": [], "empirical": [], "pc_median": [], "runs": 0} for n in sizes}
+    gaps = defaultdict(lambda: defaultdict(list))  # (rule, group) -> size -> per-draw mean gaps over runs
+    per_run_gaps = defaultdict(lambda: defaultdict(dict))  # rule -> size -> run -> mean gap over draws
+    for run in runs:
+        if run.pred is None:
+            continue
+        p, given = run.pred["pred"], run.pred["given"]
+        S = p.shape[1]
+        for n in sizes:
+            if n > S:
+                continue
+            idx_list = [np.arange(S)] if n == S else [np.sort(np.random.default_rng(d).choice(S, n, replace=False)) for d in range(draws)]
+            pcs = np.array([prediction_changes(p[:, idx]) for idx in idx_list])  # draws x T
+            pc_full = prediction_changes(p)
+            per_size[n]["runs"] += 1
+            per_size[n]["binom"].append(float(np.nanmean(np.sqrt(pc_full[1:] * (1 - pc_full[1:]) / n))))
+            per_size[n]["pc_median"].append(float(np.nanmedian(pc_full[1:])))
+            if n < S:
+                per_size[n]["empirical"].append(float(np.nanmean(pcs[:, 1:].std(axis=0, ddof=1)) / np.sqrt(1 - n / S)))
+            for rule in RULES:
+                g = [gap(run, int(select_by_rule(rule, run.steps, _columns(run, p[:, idx], given[idx])).index)) for idx in idx_list]
+                per_run_gaps[rule][n][run.name] = (float(np.mean(g)), g)
+    out_sizes = []
+    for n in sizes:
+        c = per_size[n]
+        out_sizes.append({"size": n, "runs": c["runs"],
+                          "pc_stderr_binomial": float(np.mean(c["binom"])) if c["binom"] else float("nan"),
+                          "pc_stderr_empirical": float(np.mean(c["empirical"])) if c["empirical"] else float("nan"),
+                          "pc_median": float(np.mean(c["pc_median"])) if c["pc_median"] else float("nan")})
+    # Each rule's mean gap per size, over the runs whose recorded subset holds every size (so that the
+    # sizes compare the same runs), per group (clean / noisy labels) and overall.
+    full_runs = [r for r in runs if r.pred is not None and r.pred["pred"].shape[1] >= max(sizes)]
+    groups = {"clean": [r for r in full_runs if _true_rate(regimes.get(r.regime, {})) == 0],
+              "noisy": [r for r in full_runs if _true_rate(regimes.get(r.regime, {})) > 0], "all": full_runs}
+    rule_gaps = {}
+    for rule in RULES:
+        for group, members in groups.items():
+            for n in sizes:
+                vals = [per_run_gaps[rule][n][r.name] for r in members if r.name in per_run_gaps[rule][n]]
+                if not vals:
+                    continue
+                draws_matrix = np.array([v[1] if len(v[1]) > 1 else v[1] * draws for v in vals])  # runs x draws
+                per_draw_mean = draws_matrix.mean(axis=0)
+                rule_gaps[f"{rule}|{group}|{n}"] = {
+                    "rule": rule, "group": group, "size": n, "runs": len(vals),
+                    "gap_mean": float(np.mean([v[0] for v in vals])),
+                    "gap_draw_std": float(per_draw_mean.std(ddof=1)) if n < max(sizes) else 0.0,
+                    "gap_worst": float(np.max([v[0] for v in vals])),
+                }
+    return {"sizes": out_sizes, "draws": draws, "rule_gaps": rule_gaps}
+
+
+def prediction_cost(meta: list[dict], runs: list[Run]) -> dict:
+    """The prediction pass per checkpoint against a training step, the run's training and the probe.
+
+    - ``pred_ms``: CPU ms of one prediction pass (eval-mode forward and argmax on the subset);
+    - ``train_step_ms``: wall ms of one training step (train_seconds / total_steps);
+    - ``pred_in_steps``: the pass in training steps (wall over wall, taken in the same process);
+    - ``share_of_training``: all the run's passes over its training time (wall), at 30 checkpoints;
+    - ``probe_ms``: CPU ms of the probe (256 images) in the signals pass;
+    - ``score_share``: the part of the pass the probe batch does not already cover, (S - 256)/S of it,
+      as a share of a checkpoint's scoring with it (probe + that extra), checkpoint loading left out.
+    """
+    fam_of = {r.name: r.family for r in runs}
+    rows = defaultdict(lambda: defaultdict(list))
+    for m in meta:
+        if "pred_cpu_seconds" not in m or m["name"] not in fam_of:
+            continue
+        fam, k, S = fam_of[m["name"]], m["checkpoints"], m["pred_subset"]
+        d = rows[fam]
+        d["pred_ms"].append(1000 * m["pred_cpu_seconds"] / k)
+        d["subset"].append(S)
+        step = m["train_seconds"] / m["total_steps"]
+        d["train_step_ms"].append(1000 * step)
+        d["pred_in_steps"].append(m["pred_seconds"] / k / step)
+        d["share_of_training"].append(m["pred_seconds"] / m["train_seconds"])
+        probe = m["signal_cpu_seconds_per_checkpoint"].get("probe")
+        if probe is not None and probe == probe:
+            d["probe_ms"].append(1000 * probe)
+            extra = m["pred_cpu_seconds"] / k * max(S - 256, 0) / S
+            d["score_share"].append(extra / (probe + extra))
+    return {fam: {k: float(np.median(v)) for k, v in d.items()} | {"runs": len(d["pred_ms"])} for fam, d in rows.items()}
+
+
+def plot_runs(runs: list[Run], limit: int = 8) -> list[str]:
+    """Representative runs for the PC plots: seed 0 (or the lowest seed), one per regime in a fixed
+    preference order (clean and noisy first), MLP first, then ViT, then the others."""
+    fam_order = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
+    chosen = []
+    for reg in PLOT_PREFERENCE + tuple(sorted({r.regime for r in runs} - set(PLOT_PREFERENCE))):
+        cands = sorted((r for r in runs if r.regime == reg and r.pred is not None), key=lambda r: (r.seed, fam_order.get(r.family, 9)))
+        if cands:
+            chosen.append(cands[0].name)
+        if len(chosen) >= limit:
+            break
+    # a second family on the noisy base regime when room is left
+    return chosen
+
+
+def memorisation_results(runs: list[Run], meta: list[dict], regimes: dict) -> dict | None:
+    if not any(r.pred is not None for r in runs):
+        return None
+    return {
+        "rules": list(RULES), "default_rule": DEFAULT_RULE, "noise_estimator": NOISE_ESTIMATOR,
+        "rule_columns": dict(RULE_COLUMNS),
+        "details": rule_details(runs),
+        "noise": noise_estimates(runs, regimes),
+        "subset_size": subset_size_study(runs, regimes),
+        "cost": prediction_cost(meta, runs),
+        "plot_runs": plot_runs(runs),
+        "subset": {r.name: int(r.pred["pred"].shape[1]) for r in runs if r.pred is not None},
+    }
