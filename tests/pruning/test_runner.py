@@ -61,7 +61,13 @@ def test_global_pruning_ranks_channels_across_layers(trained_cnn, digits):
     result = prune(trained_cnn, digits[0], "jbr", ratio=0.5, steps=2, global_pruning=True, calibration_size=256)
     kept = [c.out_channels / n for c, n in zip(convs(result.model), [16, 32, 32])]
     assert result.removed("channels") == pytest.approx(0.5, abs=0.02)  # 80 prunable channels in one ranking
-    assert max(kept) - min(kept) > 0.1  # ... so the layers lose different shares
+    # ... so the layers lose different shares, where a per-layer ranking takes the same share from each.
+    # (How different depends on near-ties between channels that float summation order can flip, so the
+    # reference is the per-layer run, not a fixed spread.)
+    local = prune(trained_cnn, digits[0], "jbr", ratio=0.5, steps=2, global_pruning=False, calibration_size=256)
+    local_kept = [c.out_channels / n for c, n in zip(convs(local.model), [16, 32, 32])]
+    assert max(local_kept) - min(local_kept) <= 1 / 16  # per layer: the same share, to one channel
+    assert max(kept) - min(kept) >= 2 / 32 + max(local_kept) - min(local_kept)
 
 
 @pytest.mark.parametrize("target", ["params", "macs"])

@@ -67,10 +67,23 @@ class DictOutput(nn.Module):
         return {"logits": self.body(x)}
 
 
-def test_models_returning_a_mapping_need_an_outputs_function():
+class ListOutput(nn.Module):
+    """An output whose first tensor is not batch-first: no logits to find."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = zoo.fm_mlp()
+
+    def forward(self, x):
+        return [self.body(x).sum()]
+
+
+def test_the_logits_of_a_mapping_output_are_measured():
     x = zoo.inputs_for("mlp", 6)
     with pytest.raises(ValfreeError, match="outputs=a function that picks the logits"):
-        valfree.tpv(DictOutput(), x, "iso:0.1")
+        valfree.tpv(ListOutput(), x, "iso:0.1")
+    read = valfree.tpv(DictOutput(), x, "iso:0.1", probes=2, seed=1)
     picked = valfree.tpv(DictOutput(), x, "iso:0.1", outputs=lambda out: out["logits"], probes=2, seed=1)
     plain = valfree.tpv(zoo.fm_mlp(), x, "iso:0.1", probes=2, seed=1)
     assert picked.value == pytest.approx(plain.value, rel=1e-12)
+    assert read.value == pytest.approx(plain.value, rel=1e-12)

@@ -125,7 +125,7 @@ def score_checkpoints(
     from ..io.predictions import PredictionSidecar
     from ..io.results import ResultsStore, checkpoint_key, probe_row
     from ..probes import find_head, head_gradient
-    from ..probes.batches import move_to
+    from ..batches import move_to
     from ..probes.forward import parameter_dtype
     from ..probes.options import ProbeOptions
     from ..probes.presets import get_preset
@@ -186,7 +186,8 @@ def score_checkpoints(
         if recipe is not None:
             recipe.check_heads(model, head)
         else:
-            find_head(model, head)
+            # Traced once on the probe inputs; the name is passed on, so no checkpoint traces again.
+            head = find_head(model, head, move_to(x, device, parameter_dtype(model))).name
             check_model_on_batch(model, move_to(x, device, parameter_dtype(model)),
                                  target if isinstance(target, str) else target.to(device), loss=loss)
     elif not all(is_hf_checkpoint_dir(ref.path) for ref in loop.todo):
@@ -195,8 +196,12 @@ def score_checkpoints(
     options = ProbeOptions(head=head, loss=loss, label_smoothing=label_smoothing)
 
     def measure(ref: CheckpointRef) -> dict:
+        nonlocal head
         net = (load_into(model, ref.path, max_bytes=max_bytes) if model is not None
                else build_hf_model(ref.path, max_bytes=max_bytes).to(device))
+        if head is None and recipe is None:
+            # Each checkpoint folder builds a new model object of the same architecture: trace the first only.
+            head = find_head(net, None, move_to(x, device, parameter_dtype(net))).name
         probe_target = target if isinstance(target, str) else target.to(device)
         if recipe is not None:
             probe = recipe.probe(net, move_to(x, device, parameter_dtype(net)), probe_target, head=head, seed=seed)

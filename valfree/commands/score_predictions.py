@@ -27,7 +27,7 @@ from ..errors import NonFiniteScore
 from ..io.data import probe_batch, seeded_indices
 from ..io.predictions import PredictionSidecar, indices_hash
 from ..io.results import STATUS_OK, ResultsStore
-from ..probes.batches import batch_size_of, move_to, take
+from ..batches import batch_size_of, move_to, take
 from ..probes.forward import capture_forward, parameter_dtype
 from ..probes.head_gradient import HeadGradient, probe_features
 from ..probes.heads import Head, find_head

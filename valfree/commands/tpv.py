@@ -226,6 +226,7 @@ def run_tpv(
     batch_size: int = 256, progress: bool = True,
 ) -> TPVRun:
     """Measure TPV for every checkpoint in ``sources``; see the module docstring."""
+    from ..batches import batch_size_of
     from ..io.checkpoints import discover_checkpoints, load_into
     from ..io.data import inputs_only, load_dataset, probe_batch
     from ..io.factory import build_model
@@ -260,7 +261,7 @@ def run_tpv(
         noise = noise.bind(x_train, y)
     x_test = inputs_only(load_dataset(test_data, "test"), inputs, seed) if test_data else None
     config = {"noise": noise.spec(), "method": method, "outputs": outputs, "data": data_spec,
-              "test_data": test_data or "", "n_inputs": x_train.shape[0]}
+              "test_data": test_data or "", "n_inputs": batch_size_of(x_train)}
     store = ResultsStore(out)
     _check_config(store, config)
     run = TPVRun(out=str(out), note=note)

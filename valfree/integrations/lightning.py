@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from ..probes.batches import label_of
+from ..batches import label_of
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
 from .monitor import probe_capture, split_probe_batch

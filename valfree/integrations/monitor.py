@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from ..probes.batches import move_to
+from ..batches import move_to
 from ..probes.forward import parameter_dtype
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of

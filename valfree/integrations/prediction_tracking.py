@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from ..probes.batches import move_to
+from ..batches import move_to
 from ..probes.forward import call_model
 from ..probes.prediction_changes import predicted_classes
 from ..selection.rules import DEFAULT_PRED_SUBSET  # one size for `valfree score` and training  # noqa: F401

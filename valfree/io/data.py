@@ -1,8 +1,10 @@
 """Data specs: ``fashion-mnist[:DIR]``, ``digits``, ``npz:PATH`` and ``MODULE:FUNCTION``.
 
-Every spec resolves to a ``torch.utils.data.Dataset`` of ``(input, label)`` pairs; unlabeled sets
-use label -1. Images come as float tensors of shape (1, H, W), scaled to [0, 1] and standardised with
-the training set's mean and standard deviation.
+The built-in specs resolve to a ``torch.utils.data.Dataset`` of ``(input, label)`` pairs; unlabeled
+sets use label -1. Images come as float tensors of shape (1, H, W), scaled to [0, 1] and standardised
+with the training set's mean and standard deviation. A ``MODULE:FUNCTION`` dataset may also give dicts,
+as a Hugging Face Trainer's dataset does (``input_ids``, ``attention_mask``, ``labels``...): the probe
+batch is then a dict of keyword inputs (see :mod:`valfree.batches`), padded where lengths differ.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ..batches import collate, input_of, label_of, split_batch
 from ..errors import ValfreeError
-from ..probes.batches import input_of, label_of
 from .factory import resolve_callable
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -172,23 +174,28 @@ def seeded_indices(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[: min(size, n)].sort().values
 
 
-def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, seeded batch of ``size`` items (all of them if fewer): the same batch for every checkpoint."""
+def probe_batch(dataset: Dataset, size: int = 256, seed: int = 0, pad_token_id: int = 0) -> tuple[object, torch.Tensor]:
+    """A fixed, seeded batch of ``size`` items (all of them if fewer): the same batch for every checkpoint.
+
+    Returns ``(inputs, labels)``. The inputs keep the items' form: a tensor, or for a dataset of dicts a
+    dict of keyword inputs, padded as :func:`valfree.batches.collate` pads (``input_ids`` with
+    ``pad_token_id``, the model's pad token). The labels are -1 for every item when the dataset has none.
+    """
     idx = seeded_indices(dataset, size, seed)
     if isinstance(dataset, TensorDataset):
         tensors = dataset.tensors
         x = tensors[0][idx]
         y = tensors[1][idx] if len(tensors) > 1 else torch.full((len(idx),), -1, dtype=torch.long)
         return x, y
-    xs, ys = zip(*(split_sample(dataset[int(i)]) for i in idx))
-    x = torch.stack([torch.as_tensor(v) for v in xs])
-    y = torch.stack([torch.as_tensor(v) for v in ys])
-    return x, y
+    x, y = split_batch(collate([dataset[int(i)] for i in idx], pad_token_id))
+    if y is None:
+        y = torch.full((len(idx),), -1, dtype=torch.long)
+    return x, torch.as_tensor(y)
 
 
-def inputs_only(dataset: Dataset, size: int, seed: int) -> torch.Tensor:
+def inputs_only(dataset: Dataset, size: int, seed: int, pad_token_id: int = 0):
     """The inputs of :func:`probe_batch`'s draw (same seed, same items); labels are never read."""
     idx = seeded_indices(dataset, size, seed)
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0][idx]
-    return torch.stack([torch.as_tensor(input_of(dataset[int(i)])) for i in idx])
+    return collate([input_of(dataset[int(i)]) for i in idx], pad_token_id)

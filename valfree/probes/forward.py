@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import ValfreeError
-from .batches import forward
+from ..batches import forward
 from .heads import Head, HeadCapture, capture_head
 
 

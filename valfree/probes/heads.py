@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..batches import forward, logits_of
 from ..errors import ValfreeError
 
 # Attribute names that libraries commonly give the final classifier (timm, torchvision-style, HF).
@@ -78,7 +79,7 @@ def find_head(model: nn.Module, head: str | nn.Module | None = None, inputs=None
     """Find the classifier head of ``model``.
 
     With ``head`` given (a qualified module name such as ``"heads.head"``, or the module itself) that
-    module is used. Otherwise, with ``inputs`` (a batch in any form :func:`valfree.probes.batches.forward`
+    module is used. Otherwise, with ``inputs`` (a batch in any form :func:`valfree.batches.forward`
     takes: a tensor, a tuple, or a dict of keyword inputs), one forward pass is traced
     (:func:`traced_heads`): the head is the ``nn.Linear`` or 1x1 convolution whose output becomes the
     model's output (its ``logits`` entry, or its first tensor) through shape-only operations. The
@@ -308,8 +309,6 @@ def traced_heads(model: nn.Module, inputs) -> list[str]:
     A head applied twice is found all the same (the probe then refuses it: its gradient sums over the
     calls).
     """
-    from .batches import forward, logits_of  # the one way every layer calls a model and reads its output
-
     modules = [(name, m) for name, m in model.named_modules() if name and is_linear_head(m)]
     constants = {_storage_ptr(t) for t in list(model.parameters()) + list(model.buffers())} - {0}
     mode = _Provenance(constants)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch_pruning.pruner import function
 
+from ..batches import batch_size_of, call_args, forward, map_tensors
 from .calibration import Calibration
 from .importance import CalibratedImportance, as_logits
 
@@ -96,7 +97,7 @@ class TaylorImportance(tp.importance.GroupTaylorImportance, CalibratedImportance
         model.zero_grad(set_to_none=True)
         try:
             for x, y in zip(calibration.inputs, calibration.labels):
-                F.cross_entropy(as_logits(model(x)), y).backward()
+                F.cross_entropy(as_logits(forward(model, x)), y).backward()
         finally:
             model.train(was_training)
 
@@ -162,7 +163,8 @@ class HessianImportance(tp.importance.GroupHessianImportance, CalibratedImportan
         buffers = dict(model.named_buffers())
 
         def sample_loss(weights, x, y):
-            out = functional_call(model, (weights, buffers), (x.unsqueeze(0),))  # frozen weights: the module's own
+            args, kwargs = call_args(model, map_tensors(lambda t: t.unsqueeze(0), x))
+            out = functional_call(model, (weights, buffers), args, kwargs)  # frozen weights: the module's own
             return F.cross_entropy(as_logits(out), y.unsqueeze(0))
 
         per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
@@ -171,7 +173,7 @@ class HessianImportance(tp.importance.GroupHessianImportance, CalibratedImportan
             for x, y in zip(calibration.inputs, calibration.labels):
                 grads = per_sample_grad(weights, x, y)
                 for n in names:
-                    self.accumulate_squared(params[n], grads[n].pow(2).sum(0), len(x))
+                    self.accumulate_squared(params[n], grads[n].pow(2).sum(0), batch_size_of(x))
         finally:
             model.train(was_training)
         # Torch-Pruning's scorer moves the mean into .grad on its first call, so .grad must exist.

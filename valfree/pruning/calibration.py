@@ -12,21 +12,22 @@ each item is touched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, TensorDataset
 
+from ..batches import batch_size_of, collate, concat, input_of, label_of, move_to, take
 from ..errors import ValfreeError
-from ..probes.batches import input_of, label_of, move_to
 
 
 @dataclass
 class Calibration:
     """Batches of inputs on the pruning device, and the matching labels when they were requested."""
 
-    inputs: list[torch.Tensor]
+    inputs: list  # batches of inputs: tensors, or dicts of keyword inputs (see valfree.batches)
     batch_size: int
     label_batches: list[torch.Tensor] | None = None
 
@@ -39,10 +40,11 @@ class Calibration:
 
     @property
     def num_samples(self) -> int:
-        return sum(len(x) for x in self.inputs)
+        return sum(batch_size_of(x) for x in self.inputs)
 
-    def example_inputs(self) -> torch.Tensor:
-        return self.inputs[0][:1]
+    def example_inputs(self):
+        """The first calibration input, in the inputs' form (a tensor, or a dict of keyword inputs)."""
+        return take(self.inputs[0], slice(0, 1))
 
 
 def calibration_from(data: Any, *, batch_size: int = 64, max_samples: int | None = 1024, seed: int = 0,
@@ -57,9 +59,11 @@ def calibration_from(data: Any, *, batch_size: int = 64, max_samples: int | None
     if max_samples is not None and max_samples < 1:
         raise ValfreeError(f"the calibration size must be a positive number of samples, not {max_samples}.")
     x, y = _gather(data, max_samples, seed, labels, what)
-    if len(x) == 0:
+    n = batch_size_of(x) if x is not None else 0
+    if n == 0:
         raise ValfreeError(f"the {what} is empty, so there is nothing to calibrate the pruning on.")
-    inputs = list(_float_inputs(x, device).split(batch_size))
+    x = _on_device(x, device)
+    inputs = [take(x, slice(i, i + batch_size)) for i in range(0, n, batch_size)]
     label_batches = None
     if labels:
         y = _check_labels(y, what)
@@ -95,22 +99,22 @@ def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         idx = _subset(len(data), max_samples, seed)
         items = [data[int(i)] for i in idx]
-        x = torch.stack([torch.as_tensor(input_of(item)) for item in items])
+        x = collate([input_of(item) for item in items])
         y = torch.stack([torch.as_tensor(_labels(item, what)) for item in items]) if labels else None
         return x, y
     if hasattr(data, "__iter__"):
         xs, ys, n = [], [], 0
         for batch in data:  # a DataLoader or any iterable of batches, in its own order
-            xb = torch.as_tensor(input_of(batch))
+            xb = input_of(batch)
             xs.append(xb)
             if labels:
                 ys.append(torch.as_tensor(_labels(batch, what)))
-            n += len(xb)
+            n += batch_size_of(xb)
             if max_samples is not None and n >= max_samples:
                 break
         if not xs:
-            return torch.empty(0), None
-        x = torch.cat(xs)[:max_samples]
+            return None, None
+        x = take(concat(xs), slice(0, max_samples))
         return x, (torch.cat(ys)[:max_samples] if labels else None)
     raise ValfreeError(
         f"cannot read the {what}: a {type(data).__name__} is none of tensor, (inputs, labels), Dataset or DataLoader."
@@ -182,16 +186,16 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
         for _ in range(steps):
             items = [data[int(i)] for i in torch.randint(n, (min(batch_size, n),), generator=g)]
             if inputs_only:
-                yield _float_inputs(torch.stack([torch.as_tensor(input_of(item)) for item in items]), device)
+                yield _on_device(collate([input_of(item) for item in items]), device)
             else:
-                yield move_to(default_collate(items), device)
+                yield move_to(collate(items), device)
         return
     produced = 0
     while produced < steps:  # an iterable of batches, cycled in its own order
         empty = True
         for batch in data:
             empty = False
-            yield _float_inputs(torch.as_tensor(input_of(batch)), device) if inputs_only else move_to(batch, device)
+            yield _on_device(input_of(batch), device) if inputs_only else move_to(batch, device)
             produced += 1
             if produced >= steps:
                 return
@@ -201,3 +205,9 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
 
 def _float_inputs(x: torch.Tensor, device) -> torch.Tensor:
     return (x if torch.is_floating_point(x) else x.float()).to(device)
+
+
+def _on_device(x, device):
+    """A tensor of inputs as floats (images stored as integers), on ``device``; dict inputs are moved as
+    they are, since their integer entries (token ids, attention masks) must stay integers."""
+    return _float_inputs(torch.as_tensor(x), device) if not isinstance(x, (Mapping, tuple, list)) else move_to(x, device)

@@ -48,6 +48,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function
 
+from ..batches import batch_size_of, concat, forward, logits_of, take
 from ..errors import ValfreeError
 from .calibration import Calibration
 
@@ -166,7 +167,7 @@ class AccumulatedJacobianImportance(tp.importance.GroupMagnitudeImportance, Cali
         model.eval()  # running BatchNorm statistics: samples do not interact, see the module docstring
         try:
             for inputs, targets in self.batches(calibration):
-                loss = F.cross_entropy(as_logits(model(inputs)), targets)
+                loss = F.cross_entropy(as_logits(forward(model, inputs)), targets)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 by_layer: dict[nn.Module, dict[str, torch.Tensor]] = {}
                 for (layer, name), g in zip(owners, grads):
@@ -239,25 +240,25 @@ class JBRImportance(AccumulatedJacobianImportance):
         kept_x, kept_y, total, best = [], [], 0, 0.0
         try:
             for x in calibration.inputs:
-                prob = torch.softmax(as_logits(model(x)).float(), dim=1)
+                prob = torch.softmax(as_logits(forward(model, x)).float(), dim=1)
                 top, label = prob.max(dim=1)
                 keep = top > self.confidence
-                kept_x.append(x[keep])
+                kept_x.append(take(x, keep))
                 kept_y.append(label[keep])
-                total += len(x)
+                total += batch_size_of(x)
                 best = max(best, float(top.max()))
         finally:
             model.train(was_training)
-        x_all, y_all = torch.cat(kept_x), torch.cat(kept_y)
-        if len(x_all) == 0:
+        x_all, y_all = concat(kept_x), torch.cat(kept_y)
+        if len(y_all) == 0:
             raise ValfreeError(
                 f"no calibration sample has a max probability above confidence={self.confidence} "
                 f"(the highest of {total} is {best:.3f}); lower the threshold, e.g. confidence={_suggest(best)} "
                 "(on the command line --confidence), or check that the checkpoint is trained."
             )
-        self.kept_fraction = len(x_all) / total
+        self.kept_fraction = len(y_all) / total
         size = calibration.batch_size
-        self.pseudo_batches = [(x_all[i:i + size], y_all[i:i + size]) for i in range(0, len(x_all), size)]
+        self.pseudo_batches = [(take(x_all, slice(i, i + size)), y_all[i:i + size]) for i in range(0, len(y_all), size)]
 
     def batches(self, calibration: Calibration):
         if self.pseudo_batches is None:
@@ -280,9 +281,11 @@ def _has_trainable_weight(module: nn.Module) -> bool:
 
 
 def as_logits(output) -> torch.Tensor:
-    """The model's output if it is a (batch, classes) tensor; a ValfreeError otherwise."""
-    if isinstance(output, torch.Tensor) and output.dim() == 2:
-        return output
+    """The logits of the model's output (itself, or the ``logits`` of a Hugging Face output or dict, see
+    :func:`valfree.batches.logits_of`) if they are a (batch, classes) tensor; a ValfreeError otherwise."""
+    logits = logits_of(output)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        return logits
     shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
     raise ValfreeError(
         f"the model returned {shape} where logits of shape (batch, classes) are needed (by the data-driven "

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ValfreeError
+from ..batches import forward
 from .importance import as_logits
 
 
@@ -32,7 +33,7 @@ def recalibrate_batchnorm(model: nn.Module, inputs: list[torch.Tensor]) -> None:
         m.train()
     try:
         for x in inputs:
-            model(x)
+            forward(model, x)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
@@ -44,8 +45,8 @@ def distillation_loss(teacher: nn.Module) -> Callable[[nn.Module, torch.Tensor],
 
     def loss(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = torch.softmax(as_logits(teacher(inputs)), dim=1)
-        return F.cross_entropy(as_logits(model(inputs)), target)
+            target = torch.softmax(as_logits(forward(teacher, inputs)), dim=1)
+        return F.cross_entropy(as_logits(forward(model, inputs)), target)
 
     return loss
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..batches import forward, move_to
 from ..errors import ValfreeError
 from ..probes import find_head
 from .calibration import Calibration, calibration_from, training_batches
@@ -31,7 +32,7 @@ from .criteria import get_criterion, make_importance
 from .importance import CalibratedImportance, as_logits
 from .options import PruneOptions, check_arguments
 from .recovery import distillation_loss, finetune, recalibrate_batchnorm
-from .tracing import build_pruner, check_accepts, check_runs
+from .tracing import build_pruner, check_accepts, check_runs, torch_pruning_inputs
 
 # For params/MACs targets: the channel schedule that the rounds walk along, in increments of 1 %.
 SUBSTEP_CHANNEL_FRACTION = 0.01
@@ -59,7 +60,7 @@ class PruneResult:
     target: str
     ratio: float
     history: list[PruneStep]
-    example_inputs: torch.Tensor
+    example_inputs: Any  # one calibration input: a tensor, or a dict of keyword inputs
     calibration_samples: int
     kept_fraction: float | None = None  # JBR: share of calibration samples above the confidence threshold
     options: dict[str, Any] = field(default_factory=dict)
@@ -179,10 +180,10 @@ def prune_with(model: nn.Module, data: Any, criterion: str | object, ratio: floa
                                        device=device, labels=needs_labels, what="calibration data")
         evaluation = calibration_from(eval_data, batch_size=256, max_samples=None, device=device, labels=True,
                                       what="evaluation data") if eval_data is not None else None
-        head_module = find_head(model, o.head).module
+        example = calibration.example_inputs()
+        head_module = find_head(model, o.head, example).module
         classes = head_module.weight.shape[0]
         ignored = [head_module, *_resolve_layers(model, o.ignored_layers)]
-        example = calibration.example_inputs()
         ran = check_accepts(model, example)
         # Torch-Pruning rebuilds pruned weights as new nn.Parameters (trainable); refreeze them after each step.
         frozen = [(m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False) if not p.requires_grad]
@@ -227,7 +228,7 @@ def prune_with(model: nn.Module, data: Any, criterion: str | object, ratio: floa
     recorded = {"global_pruning": o.global_pruning, "confidence": o.confidence, "group_reduction": o.group_reduction,
                 "normalizer": o.normalizer, "batch_size": o.batch_size, "recalibrate_bn": o.recalibrate_bn,
                 "finetune_steps": o.finetune_steps, "seed": o.seed, "steps": steps}
-    return PruneResult(model, name, o.target, ratio, history, example.detach().cpu(), calibration.num_samples,
+    return PruneResult(model, name, o.target, ratio, history, move_to(example, "cpu"), calibration.num_samples,
                        getattr(importance, "kept_fraction", None), recorded)
 
 
@@ -260,7 +261,7 @@ def accuracy_of(model: nn.Module, evaluation: Calibration) -> float:
     model.eval()
     correct = total = 0
     for x, y in zip(evaluation.inputs, evaluation.labels):
-        correct += int((as_logits(model(x)).argmax(1) == y).sum())
+        correct += int((as_logits(forward(model, x)).argmax(1) == y).sum())
         total += len(y)
     model.train(was_training)
     return correct / total
@@ -281,7 +282,7 @@ def _count_params(model: nn.Module) -> int:
 def _count_macs(model: nn.Module, example: torch.Tensor) -> int:
     import torch_pruning as tp
 
-    macs, _ = tp.utils.count_ops_and_params(model, example)
+    macs, _ = tp.utils.count_ops_and_params(model, torch_pruning_inputs(model, example))
     return int(macs)
 
 

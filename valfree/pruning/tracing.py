@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..batches import call_args, describe, forward, logits_of
 from ..errors import ValfreeError
 
 
@@ -87,7 +88,7 @@ def check_accepts(model: nn.Module, example_inputs: torch.Tensor) -> set[str]:
     _, where, error = locate_failure(model, lambda: _no_grad_forward(model, example_inputs), ran)
     if error is not None:
         raise ValfreeError(
-            f"the model fails on the calibration inputs (shape {tuple(example_inputs.shape)}) in {where}: "
+            f"the model fails on the calibration inputs (shape {describe(example_inputs)}) in {where}: "
             f"{type(error).__name__}: {_first_line(error)}; check that the data matches the model."
         )
     return ran
@@ -113,7 +114,7 @@ def build_pruner(model: nn.Module, example_inputs: torch.Tensor, importance, ran
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pruner, where, error = locate_failure(
-                model, lambda: pruner_class(model, example_inputs, importance, **pruner_kwargs))
+                model, lambda: pruner_class(model, torch_pruning_inputs(model, example_inputs), importance, **pruner_kwargs))
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -149,6 +150,7 @@ def check_runs(model: nn.Module, example_inputs: torch.Tensor, expected_classes:
             "Torch-Pruning could not trace a shape there (a hard-coded channel count such as view(-1, 64) or a "
             "fixed split); make it shape-agnostic or exclude that layer with ignored_layers (--ignore NAME)."
         )
+    out = logits_of(out)
     if isinstance(out, torch.Tensor) and out.shape[-1] != expected_classes:
         raise ValfreeError(
             f"after pruning step {step} the model returns {out.shape[-1]} outputs instead of {expected_classes}; "
@@ -157,8 +159,17 @@ def check_runs(model: nn.Module, example_inputs: torch.Tensor, expected_classes:
 
 
 @torch.no_grad()
-def _no_grad_forward(model: nn.Module, x: torch.Tensor):
-    return model(x)
+def _no_grad_forward(model: nn.Module, x):
+    return forward(model, x)
+
+
+def torch_pruning_inputs(model: nn.Module, example_inputs):
+    """``example_inputs`` as Torch-Pruning passes them on: a tensor as it is, positional inputs as a tuple
+    (``model(*inputs)``), keyword inputs as a dict (``model(**inputs)``, filtered to what forward takes)."""
+    args, kwargs = call_args(model, example_inputs)
+    if kwargs:
+        return kwargs
+    return args[0] if len(args) == 1 else args
 
 
 def _first_line(error: BaseException) -> str:

@@ -22,12 +22,14 @@ Methods (one call, one result type, whatever the noise):
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..batches import batch_size_of, collate, concat, describe, forward, input_of, logits_of, move_to, take
 from ..errors import ValfreeError
 from . import label_noise as _label
 from .estimate import EstimatorSettings, TPVEstimate, summarise
@@ -43,56 +45,68 @@ DEFAULT_MAX_EXACT_BYTES = 2 * 2**30
 
 
 def output_function(outputs: "str | Callable") -> tuple[OutputFn, str]:
-    """The map from the model's output to the outputs whose variance is measured, and its name."""
+    """The map from the model's output to the outputs whose variance is measured, and its name.
+
+    The named outputs start from the logits (:func:`valfree.batches.logits_of`: the output itself, or
+    the ``logits`` of a Hugging Face output or dict); a function receives the model's output as it is."""
     if callable(outputs):
         return outputs, getattr(outputs, "__name__", "custom")
     if outputs == "logits":
-        return (lambda t: t), outputs
+        return logits_of, outputs
     if outputs == "probs":
-        return (lambda t: torch.softmax(t, dim=-1)), outputs
+        return (lambda out: torch.softmax(logits_of(out), dim=-1)), outputs
     if outputs == "log_probs":
-        return (lambda t: torch.log_softmax(t, dim=-1)), outputs
+        return (lambda out: torch.log_softmax(logits_of(out), dim=-1)), outputs
     raise ValfreeError(f"outputs must be one of {', '.join(OUTPUTS)} or a function of the model output, not {outputs!r}.")
 
 
-def as_inputs(inputs, what: str = "inputs") -> torch.Tensor:
-    """A tensor of inputs from a tensor, an (inputs, labels) pair, a Dataset or a DataLoader; labels are dropped unread."""
+def as_inputs(inputs, what: str = "inputs"):
+    """One batch of inputs from a tensor, an (inputs, labels) pair, a dict batch, a Dataset or a DataLoader;
+    labels are dropped unread.
+
+    A batch of dicts (a Hugging Face dataset or its DataLoader) gives a dict of keyword inputs
+    (``input_ids``, ``attention_mask``...; see :mod:`valfree.batches`), which the model is called with.
+    """
     if isinstance(inputs, torch.Tensor):
         x = inputs
+    elif isinstance(inputs, Mapping):
+        x = input_of(inputs)
     elif isinstance(inputs, (tuple, list)) and inputs and isinstance(inputs[0], torch.Tensor):
         x = inputs[0]
+    elif isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Mapping):
+        x = input_of(inputs[0])
     elif isinstance(inputs, DataLoader) or (isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes, Dataset))):
-        x = torch.cat([_first(b) for b in inputs])
+        x = concat([input_of(b) for b in inputs])
     elif isinstance(inputs, Dataset):
-        x = torch.stack([torch.as_tensor(_first(inputs[i])) for i in range(len(inputs))])
+        x = collate([input_of(inputs[i]) for i in range(len(inputs))])  # labels stay unread
     else:
-        raise ValfreeError(f"{what} must be a tensor, an (inputs, labels) pair, a Dataset or a DataLoader, not {type(inputs).__name__}.")
-    if x.dim() == 0 or x.shape[0] < 2:
         raise ValfreeError(
-            f"{what} must hold a batch of at least 2 inputs along dim 0 (got shape {tuple(x.shape)}), so that a standard error exists."
+            f"{what} must be a tensor, an (inputs, labels) pair, a dict batch, a Dataset or a DataLoader, not {type(inputs).__name__}."
+        )
+    try:
+        n = batch_size_of(x)
+    except ValfreeError:
+        n = 0
+    if n < 2:
+        raise ValfreeError(
+            f"{what} must hold a batch of at least 2 inputs along dim 0 (got {describe(x)}), so that a standard error exists."
         )
     return x
 
 
-def _first(item):
-    return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def _prepare(model: nn.Module, x: torch.Tensor, output_fn: OutputFn, what: str = "inputs") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _prepare(model: nn.Module, x, output_fn: OutputFn, what: str = "inputs") -> tuple[object, dict[str, torch.Tensor]]:
     params = trainable(model)
     if not params:
         raise ValfreeError(f"{type(model).__name__} has no trainable parameters (requires_grad=True), so no perturbation can move its predictions.")
     ref = next(iter(params.values()))
-    x = x.to(ref.device)
-    if x.is_floating_point():
-        x = x.to(ref.dtype)
+    x = move_to(x, ref.device, ref.dtype)
     try:
         with torch.no_grad():
-            out = model(x[:2])
+            out = forward(model, take(x, slice(0, 2)))
             out = output_fn(out)
     except Exception as exc:
         raise ValfreeError(
-            f"the model cannot take {what} of shape {tuple(x.shape)} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
+            f"the model cannot take {what} of shape {describe(x)} ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}); "
             "pass a batch shaped like the model's training inputs, batch first."
         ) from None
     if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2:
@@ -186,7 +200,7 @@ def tpv(
     value, stderr, input_stderr, per_input = summarise(draws, shared)
     return TPVEstimate(
         value=value, stderr=stderr, input_stderr=input_stderr, probes=used, seconds=time.perf_counter() - start,
-        method=label, noise=noise.spec(), n_inputs=x.shape[0], outputs=output_name,
+        method=label, noise=noise.spec(), n_inputs=batch_size_of(x), outputs=output_name,
         engine=engine if label == "trace" and isinstance(noise, DiagonalNoise) else "", per_input=per_input,
         per_draw=draws.double().mean(1) if shared and draws.shape[0] > 1 else None,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import batch_size_of, call_args, forward, logits_of, take
 from ..errors import ValfreeError
 from .linearize import flat_jacobian, loss_curvature_factor, per_sample_jacobians, per_sample_loss
 from .noise import DiagonalNoise, NoiseModel, Pruning, SGDNoise, expand_rows
@@ -30,14 +31,14 @@ def _check_exact_memory(chunk: int, k: int, p: int, dense_p: bool, itemsize: int
 
 def _jacobian_chunks(model, x, output_fn, names, chunk):
     """Flat per-sample Jacobians (n, K, P), a chunk of inputs at a time."""
-    for sl in chunks(x.shape[0], chunk):
-        yield sl, flat_jacobian(per_sample_jacobians(model, x[sl], output_fn, names), names)
+    for sl in chunks(batch_size_of(x), chunk):
+        yield sl, flat_jacobian(per_sample_jacobians(model, take(x, sl), output_fn, names), names)
 
 
 def exact_values(model, x, noise: NoiseModel, output_fn, params, batch_size, max_exact_bytes) -> torch.Tensor:
     """(1, N) exact per-input values of Tr(J_n C J_n^T) from per-sample Jacobians."""
     names = list(params)
-    n, k = x.shape[0], output_width(model, x, output_fn)
+    n, k = batch_size_of(x), output_width(model, x, output_fn)
     p = sum(t.numel() for t in params.values())
     chunk = min(batch_size, EXACT_CHUNK, n)
     itemsize = next(iter(params.values())).element_size()
@@ -71,13 +72,13 @@ def dense_curvature(model, xt, yt, noise: SGDNoise, names, chunk: int = EXACT_CH
     """The P x P curvature M of SGD noise: the Gauss-Newton matrix or the Hessian of the mean loss."""
     if noise.curvature == "ggn":
         m = None
-        for sl, jt in _jacobian_chunks(model, xt, lambda t: t, names, chunk):
+        for sl, jt in _jacobian_chunks(model, xt, logits_of, names, chunk):
             with torch.no_grad():
-                logits = output_rows(model(xt[sl]), lambda t: t)
+                logits = output_rows(forward(model, take(xt, sl)), logits_of)
             aj = torch.einsum("nkj,nkp->njp", loss_curvature_factor(logits, noise.loss), jt)
             part = torch.einsum("njp,njq->pq", aj, aj)
             m = part if m is None else m + part
-        return m / xt.shape[0]
+        return m / batch_size_of(xt)
     params = {q: p.detach() for q, p in model.named_parameters() if q in names}
     shapes = [params[q].shape for q in names]
     sizes = [params[q].numel() for q in names]
@@ -89,7 +90,8 @@ def dense_curvature(model, xt, yt, noise: SGDNoise, names, chunk: int = EXACT_CH
 
     def mean_loss(theta_flat):
         theta = {q: t.reshape(s) for q, t, s in zip(names, theta_flat.split(sizes), shapes)}
-        logits = output_rows(functional_call(model, ({**base, **theta}, buffers), (xt,)), lambda t: t)
+        args, kwargs = call_args(model, xt)
+        logits = output_rows(functional_call(model, ({**base, **theta}, buffers), args, kwargs), logits_of)
         return per_sample_loss(logits, yt, noise.loss).mean()
 
     return hessian(mean_loss)(flat).detach()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batches import batch_size_of, move_to, take
 from ..errors import ValfreeError
 from .linearize import flat_jacobian, functional, per_sample_jacobians, trainable
 from .noise import LabelNoise
@@ -27,10 +28,11 @@ from .noise import LabelNoise
 DEFAULT_MAX_ELEMENTS = 2 * 10**7
 
 
-def _training_inputs(noise: LabelNoise, x: torch.Tensor) -> torch.Tensor:
+def _training_inputs(noise: LabelNoise, x, model) -> torch.Tensor:
+    """The training inputs on the model's device, floating ones in its dtype (as tpv() moved ``x``)."""
     xt = noise.inputs if noise.inputs is not None else x
-    xt = xt.to(x.device)
-    return xt.to(x.dtype) if xt.is_floating_point() else xt
+    ref = next(iter(trainable(model).values()))
+    return move_to(xt, ref.device, ref.dtype)
 
 
 def label_noise_closed_form(
@@ -38,16 +40,16 @@ def label_noise_closed_form(
     rcond: float | None = None,
 ) -> torch.Tensor:
     """(1, N) per-input values sigma^2 ||J(x_n) V S^-1||_F^2; see the module docstring."""
-    xt = _training_inputs(noise, x)
+    xt = _training_inputs(noise, x, model)
     params = trainable(model)
     names = list(params)
     p = sum(t.numel() for t in params.values())
     with torch.no_grad():
-        k = functional(model, output_fn)({}, x[:1]).shape[1]
-    elements = (xt.shape[0] + x.shape[0]) * k * p
+        k = functional(model, output_fn)({}, take(x, slice(0, 1))).shape[1]
+    elements = (batch_size_of(xt) + batch_size_of(x)) * k * p
     if elements > max_elements:
         raise ValfreeError(
-            f"the closed-form label-noise TPV needs Jacobians of {xt.shape[0]} training + {x.shape[0]} evaluation inputs x {k} outputs x "
+            f"the closed-form label-noise TPV needs Jacobians of {batch_size_of(xt)} training + {batch_size_of(x)} evaluation inputs x {k} outputs x "
             f"{p} parameters = {elements:.3g} entries, above the limit of {max_elements:.3g}; use fewer inputs or method='monte_carlo' (fine-tuning)."
         )
     jt = flat_jacobian(per_sample_jacobians(model, xt, output_fn, names), names).reshape(-1, p)
@@ -56,8 +58,8 @@ def label_noise_closed_form(
     keep = s > tol
     basis = vh[keep].T / s[keep]  # V S^-1, (P, r)
     values = []
-    for start in range(0, x.shape[0], batch_size):
-        je = flat_jacobian(per_sample_jacobians(model, x[start : start + batch_size], output_fn, names), names)
+    for start in range(0, batch_size_of(x), batch_size):
+        je = flat_jacobian(per_sample_jacobians(model, take(x, slice(start, start + batch_size)), output_fn, names), names)
         values.append((je @ basis).square().sum((1, 2)))
     return (noise.sigma**2 * torch.cat(values)).detach().double().cpu().unsqueeze(0)
 
@@ -69,12 +71,12 @@ def label_noise_empirical(
     """(repeats, N): ||f(w_r, x_n) - f(w*, x_n)||^2 after refitting to noisy targets, once per repeat."""
     if steps < 1 or proximity < 0:
         raise ValfreeError(f"label-noise fine-tuning needs steps >= 1 and proximity >= 0 (got steps={steps}, proximity={proximity}).")
-    xt = _training_inputs(noise, x)
+    xt = _training_inputs(noise, x, model)
     f = functional(model, output_fn)
     start = trainable(model)
     with torch.no_grad():
         clean_train, clean_eval = f({}, xt), f({}, x)
-    table = torch.empty(repeats, x.shape[0], dtype=torch.float64)
+    table = torch.empty(repeats, batch_size_of(x), dtype=torch.float64)
     for r in range(repeats):
         eps = torch.randn(clean_train.shape, generator=generator, dtype=clean_train.dtype, device="cpu").to(clean_train.device)
         target = clean_train + noise.sigma * eps

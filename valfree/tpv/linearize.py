@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
+from ..batches import batch_size_of, call_args, forward, logits_of, map_tensors, take
 from .per_sample import OutputFn, output_rows
 
 Params = Mapping[str, torch.Tensor]
@@ -28,8 +29,9 @@ def functional(model: nn.Module, output_fn: OutputFn) -> Callable[[Params, torch
     base = {k: p.detach() for k, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
-    def f(theta: Params, x: torch.Tensor) -> torch.Tensor:
-        return output_rows(functional_call(model, ({**base, **theta}, buffers), (x,)), output_fn)
+    def f(theta: Params, x) -> torch.Tensor:
+        args, kwargs = call_args(model, x)
+        return output_rows(functional_call(model, ({**base, **theta}, buffers), args, kwargs), output_fn)
 
     return f
 
@@ -47,7 +49,7 @@ def vector_jacobian(model: nn.Module, x: torch.Tensor, output_fn: OutputFn, cota
     """sum_n J(x_n)^T c_n for a cotangent c of shape (N, K): one backward pass."""
     params = dict(model.named_parameters())
     with torch.enable_grad():
-        f = output_rows(model(x), output_fn)
+        f = output_rows(forward(model, x), output_fn)
         grads = torch.autograd.grad((f * cotangent).sum(), [params[k] for k in names], allow_unused=True)
     return {k: torch.zeros_like(params[k]) if g is None else g for k, g in zip(names, grads)}
 
@@ -58,10 +60,10 @@ def per_sample_jacobians(model: nn.Module, x: torch.Tensor, output_fn: OutputFn,
     sub = {k: p.detach() for k, p in model.named_parameters() if k in names}
 
     def single(theta, xn):
-        return f(theta, xn.unsqueeze(0))[0]
+        return f(theta, map_tensors(lambda t: t.unsqueeze(0), xn))[0]
 
     jac = vmap(jacrev(single), in_dims=(None, 0))
-    pieces = [jac(sub, x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+    pieces = [jac(sub, take(x, slice(s, s + chunk))) for s in range(0, batch_size_of(x), chunk)]
     return {k: torch.cat([p[k] for p in pieces]) for k in names}
 
 
@@ -98,7 +100,7 @@ def hessian_vector(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, los
     params = dict(model.named_parameters())
     wanted = [params[k] for k in names]
     with torch.enable_grad():
-        logits = output_rows(model(x), lambda t: t)
+        logits = output_rows(forward(model, x), logits_of)
         value = per_sample_loss(logits, targets, loss).mean()
         grads = torch.autograd.grad(value, wanted, create_graph=True)
         dot = sum((g * vector[k]).sum() for g, k in zip(grads, names))
@@ -112,8 +114,8 @@ def ggn_sample(model: nn.Module, x: torch.Tensor, loss: str, names: list[str], g
     w = N^{-1/2} sum_n J_n^T A_n z_n with z_n ~ N(0, I) has covariance exactly G: one backward pass.
     """
     with torch.no_grad():
-        logits = output_rows(model(x), lambda t: t)
+        logits = output_rows(forward(model, x), logits_of)
     factor = loss_curvature_factor(logits, loss)
     z = torch.randn(logits.shape, generator=generator, dtype=logits.dtype, device="cpu").to(logits.device)
-    cotangent = torch.einsum("nkj,nj->nk", factor, z) / x.shape[0] ** 0.5
-    return vector_jacobian(model, x, lambda t: t, cotangent, names)
+    cotangent = torch.einsum("nkj,nj->nk", factor, z) / batch_size_of(x) ** 0.5
+    return vector_jacobian(model, x, logits_of, cotangent, names)

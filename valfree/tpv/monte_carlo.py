@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from ..batches import batch_size_of, forward, take
 from ..errors import ValfreeError
 from .linearize import functional
 from .noise import DiagonalNoise, Pruning, SGDNoise
@@ -33,7 +34,7 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         with torch.no_grad():
-            model(x)
+            forward(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -64,17 +65,17 @@ def monte_carlo(model, x, noise, output_fn, params, draws: int, generator, batch
 
     perturbations = _draws(noise, params, draws, generator, sgd_draw)
     f = functional(model, output_fn)
-    n = x.shape[0]
-    per_draw = max(1, int(memory_bytes // (2 * _activation_bytes(model, x[:batch_size]))))
+    n = batch_size_of(x)
+    per_draw = max(1, int(memory_bytes // (2 * _activation_bytes(model, take(x, slice(0, batch_size))))))
     table = torch.empty(len(perturbations), n, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            xc = x[start : start + batch_size]
+            xc = take(x, slice(start, start + batch_size))
             base = f({}, xc)
             for r0 in range(0, len(perturbations), per_draw):
                 chunk = perturbations[r0 : r0 + per_draw]
                 out = _evaluate(f, params, chunk, xc)
-                table[r0 : r0 + len(chunk), start : start + xc.shape[0]] = (out - base).square().sum(-1).double().cpu()
+                table[r0 : r0 + len(chunk), start : start + batch_size_of(xc)] = (out - base).square().sum(-1).double().cpu()
     return table
 
 

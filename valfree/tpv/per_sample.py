@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from ..batches import batch_size_of, call_args, forward, map_tensors, take
 from ..errors import ValfreeError
 from ..probes import gram_is_cheaper
 
@@ -239,11 +240,11 @@ def hooks_row_squares(
 
 def _rows_from_captures(model, x, u, output_fn, names, plan: _Plan, captures: dict, handles: list) -> dict[str, torch.Tensor]:
     try:
-        f = output_rows(model(x), output_fn)
+        f = output_rows(forward(model, x), output_fn)
     finally:
         for h in handles:
             h.remove()
-    n = x.shape[0]
+    n = batch_size_of(x)
     _check_cotangent(f, u)
     covered = {
         k for k, c in captures.items()
@@ -271,7 +272,12 @@ def _rows_from_captures(model, x, u, output_fn, names, plan: _Plan, captures: di
                 rows[q] = r
     rest = [q for q in names if q not in rows]
     if rest:
-        rows.update(vmap_row_squares(model, x, u, output_fn, rest))
+        try:
+            rows.update(vmap_row_squares(model, x, u, output_fn, rest))
+        except (RuntimeError, NotImplementedError):
+            # Models with data-dependent control flow (Hugging Face attention masks check their
+            # values) cannot run under vmap; one pass per sample gives the same numbers.
+            rows.update(loop_row_squares(model, x, u, output_fn, rest))
     return {q: rows[q] for q in names}
 
 
@@ -289,16 +295,17 @@ def vmap_row_squares(
     sub = {k: params[k] for k in names}
 
     def single(theta, xn, un):
-        out = functional_call(model, ({**params, **theta}, buffers), (xn.unsqueeze(0),))
+        args, kwargs = call_args(model, map_tensors(lambda t: t.unsqueeze(0), xn))
+        out = functional_call(model, ({**params, **theta}, buffers), args, kwargs)
         return (output_rows(out, output_fn)[0] * un).sum()
 
     per_sample = vmap(grad(single), in_dims=(None, 0, 0))
-    n = x.shape[0]
+    n = batch_size_of(x)
     size = sum(p.numel() for p in sub.values())
     chunk = chunk or max(1, min(n, int(2**26 // max(size, 1))))
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in names}
     for start in range(0, n, chunk):
-        g = per_sample(sub, x[start : start + chunk], u[start : start + chunk])
+        g = per_sample(sub, take(x, slice(start, start + chunk)), u[start : start + chunk])
         for k in names:
             pieces[k].append(rows_of(g[k]))
     return {k: torch.cat(v) for k, v in pieces.items()}
@@ -311,8 +318,8 @@ def loop_row_squares(
     params = dict(model.named_parameters())
     wanted = [params[k] for k in names]
     pieces: dict[str, list[torch.Tensor]] = {k: [] for k in names}
-    for i in range(x.shape[0]):
-        f = output_rows(model(x[i : i + 1]), output_fn)
+    for i in range(batch_size_of(x)):
+        f = output_rows(forward(model, take(x, slice(i, i + 1))), output_fn)
         grads = torch.autograd.grad((f[0] * u[i]).sum(), wanted, allow_unused=True)
         for k, g, p in zip(names, grads, wanted):
             g = torch.zeros_like(p) if g is None else g
@@ -333,7 +340,7 @@ def backpack_row_squares(
     model = extend(copy.deepcopy(model))
     params = dict(model.named_parameters())
     try:
-        f = output_rows(model(x), output_fn)
+        f = output_rows(forward(model, x), output_fn)
         with warnings.catch_warnings(), backpack(BatchGrad()):
             warnings.simplefilter("ignore", UserWarning)  # it warns about containers, which hold no own weights
             (f * u).sum().backward()

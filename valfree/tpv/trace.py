@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..batches import batch_size_of, forward, move_to, take
 from ..errors import ValfreeError
 from .estimate import EstimatorSettings, summarise
 from .linearize import ggn_sample, hessian_vector, jacobian_vector
@@ -27,7 +28,7 @@ def rademacher(shape, generator: torch.Generator, like: torch.Tensor) -> torch.T
 
 def output_width(model: nn.Module, x: torch.Tensor, output_fn: OutputFn) -> int:
     with torch.no_grad():
-        return output_rows(model(x[:1]), output_fn).shape[1]
+        return output_rows(forward(model, take(x, slice(0, 1))), output_fn).shape[1]
 
 
 def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, generator,
@@ -41,10 +42,10 @@ def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, generator,
     k = output_width(model, x, output_fn)
     rounds: list[torch.Tensor] = []
     while True:
-        values = torch.empty(x.shape[0], dtype=torch.float64)
-        for sl in chunks(x.shape[0], batch_size):
-            xc = x[sl]
-            u = rademacher((xc.shape[0], k), generator, params[names[0]])
+        values = torch.empty(batch_size_of(x), dtype=torch.float64)
+        for sl in chunks(batch_size_of(x), batch_size):
+            xc = take(x, sl)
+            u = rademacher((batch_size_of(xc), k), generator, params[names[0]])
             rows = row_squares(model, xc, u, output_fn, names, settings.engine)
             values[sl] = sum((rows[q] * variances[q]).sum(1) for q in names).detach().double().cpu()
         rounds.append(values)
@@ -59,7 +60,7 @@ def trace_diagonal(model, x, noise: DiagonalNoise, output_fn, params, generator,
 
 def trace_direction(model, x, dw: dict, output_fn, batch_size) -> torch.Tensor:
     """(1, N): ||J_n dw||^2, exact, by forward-mode differentiation."""
-    values = [jacobian_vector(model, x[sl], output_fn, dw).square().sum(1) for sl in chunks(x.shape[0], batch_size)]
+    values = [jacobian_vector(model, take(x, sl), output_fn, dw).square().sum(1) for sl in chunks(batch_size_of(x), batch_size)]
     return torch.cat(values).detach().double().cpu().unsqueeze(0)
 
 
@@ -67,9 +68,7 @@ def curvature_data(noise: SGDNoise, x: torch.Tensor, params) -> tuple[torch.Tens
     """The training data that define the SGD curvature, on the model's device; labels if the form needs them."""
     xt = noise.inputs if noise.inputs is not None else x
     ref = next(iter(params.values()))
-    xt = xt.to(ref.device)
-    if xt.is_floating_point():
-        xt = xt.to(ref.dtype)
+    xt = move_to(xt, ref.device, ref.dtype)
     if noise.curvature == "hessian":
         if noise.targets is None:
             raise ValfreeError(
@@ -77,28 +76,28 @@ def curvature_data(noise: SGDNoise, x: torch.Tensor, params) -> tuple[torch.Tens
                 "SGDNoise(..., targets=...), or use curvature='ggn', which is label-free."
             )
         y = noise.targets.to(ref.device)
-        if y.shape[0] != xt.shape[0]:
-            raise ValfreeError(f"SGD noise has {xt.shape[0]} training inputs but {y.shape[0]} targets.")
+        if y.shape[0] != batch_size_of(xt):
+            raise ValfreeError(f"SGD noise has {batch_size_of(xt)} training inputs but {y.shape[0]} targets.")
         return xt, y
     return xt, None
 
 
 def ggn_draw(model, xt, loss, names, generator, batch_size) -> dict[str, torch.Tensor]:
     """w ~ N(0, G) over all of ``xt``, accumulated over chunks (each chunk's part scaled by its share)."""
-    n = xt.shape[0]
+    n = batch_size_of(xt)
     total = None
     for sl in chunks(n, batch_size):
-        part = ggn_sample(model, xt[sl], loss, names, generator)
+        part = ggn_sample(model, take(xt, sl), loss, names, generator)
         scale = ((sl.stop - sl.start) / n) ** 0.5  # ggn_sample divides by sqrt(chunk size)
         total = {k: v * scale for k, v in part.items()} if total is None else {k: total[k] + v * scale for k, v in part.items()}
     return total
 
 
 def hessian_vector_all(model, xt, yt, loss, vector, batch_size) -> dict[str, torch.Tensor]:
-    n = xt.shape[0]
+    n = batch_size_of(xt)
     total = None
     for sl in chunks(n, batch_size):
-        part = hessian_vector(model, xt[sl], yt[sl], loss, vector)
+        part = hessian_vector(model, take(xt, sl), yt[sl], loss, vector)
         w = (sl.stop - sl.start) / n
         total = {k: v * w for k, v in part.items()} if total is None else {k: total[k] + v * w for k, v in part.items()}
     return total
@@ -114,13 +113,13 @@ def trace_sgd(model, x, noise: SGDNoise, output_fn, params, generator, settings:
     for _ in range(max(probes, 2)):
         if noise.curvature == "ggn":
             w = ggn_draw(model, xt, noise.loss, names, generator, batch_size)
-            vals = [jacobian_vector(model, x[sl], output_fn, w).square().sum(1) for sl in chunks(x.shape[0], batch_size)]
+            vals = [jacobian_vector(model, take(x, sl), output_fn, w).square().sum(1) for sl in chunks(batch_size_of(x), batch_size)]
         else:
             v = {k: rademacher(p.shape, generator, p) for k, p in params.items()}
             hv = hessian_vector_all(model, xt, yt, noise.loss, v, batch_size)
             vals = [
-                (jacobian_vector(model, x[sl], output_fn, v) * jacobian_vector(model, x[sl], output_fn, hv)).sum(1)
-                for sl in chunks(x.shape[0], batch_size)
+                (jacobian_vector(model, take(x, sl), output_fn, v) * jacobian_vector(model, take(x, sl), output_fn, hv)).sum(1)
+                for sl in chunks(batch_size_of(x), batch_size)
             ]
         rounds.append(noise.scale * torch.cat(vals).detach().double().cpu())
     return torch.stack(rounds)

@@ -7,7 +7,7 @@ import valfree
 from valfree import ValfreeError
 from valfree.io.data import split_sample
 from valfree.integrations.lightning import default_targets
-from valfree.probes.batches import (
+from valfree.batches import (
     batch_size_of,
     collate,
     concat,
