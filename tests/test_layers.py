@@ -16,11 +16,7 @@ BASE = {"errors", "models", "batches"}
 # io reads and writes only: it sits beside the maths, not on top of it.
 IO_MAY_NOT_IMPORT = {"probes", "tpv", "selection", "pruning", "integrations", "commands", "cli"}
 # (module, imported module) pairs that break a rule on purpose, each with the reason it stays for now.
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("valfree.commands.score", "valfree"):
-        "each results row records the valfree version that measured it, and the version string lives in the "
-        "package root; the import runs inside score_checkpoints, after the package has loaded",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:
