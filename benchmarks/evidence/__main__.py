@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["train", "report", "run", "quick", "sweep", "perf"])
     parser.add_argument("--grid", choices=["full", "quick", "extended", "all"], default=None,
-                        help="full: the base grid (36 runs); extended: issue 12's regimes; all: both (one cache)")
+                        help="full: the base grid (36 runs); extended: the memorisation regimes; all: both (one cache)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--reverse", action="store_true", help="train the grid in reverse order (for a second runner)")
     parser.add_argument("--coverage", action="store_true", help="seed 0 first, then cheap families' other seeds, costly ones last")

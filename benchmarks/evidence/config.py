@@ -128,7 +128,7 @@ REGIMES = {
 
 SEEDS = (0, 1, 2)
 
-# The extended grid (issue 12): regimes where memorisation of wrong labels comes at different times and
+# The extended grid: regimes where memorisation of wrong labels comes at different times and
 # speeds, and clean regimes where prediction changes oscillate. 5k training images so that the grid
 # trains in about half an hour on 2 cores; the noisy ones run 30 epochs, long enough to memorise.
 _N = "5k images, "

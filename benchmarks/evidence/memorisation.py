@@ -1,4 +1,4 @@
-"""Issue 12's evidence: prediction changes (Label Wave), label agreement and valfree's selection rules.
+"""Evidence on memorisation: prediction changes (Label Wave), label agreement and valfree's selection rules.
 
 From each run's ``predictions.npz`` (the predicted classes of a fixed training subset at every
 checkpoint, see trajectories.py) this module derives the columns the rules read (``pred_change``,

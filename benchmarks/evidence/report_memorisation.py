@@ -1,4 +1,4 @@
-"""The report's memorisation section (issue 12), rendered from a results JSON's ``memorisation`` key
+"""The report's memorisation section, rendered from a results JSON's ``memorisation`` key
 and its per-run choices. Numbers only; the lead draws the conclusions."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
                                                          for sel in ["last", "hg_raw", *rule_sels, "val500"]])
     out += ["Per family (all regimes with clean or with noisy labels pooled): mean gap (worst run).",
             _table(["family", "labels", "runs", "last", "hg_raw", *rule_sels, "val500"], rows)]
-    # Issue 12's three acceptance criteria, per rule, on the pooled runs.
+    # The three acceptance criteria of the default rule, per rule, on the pooled runs.
     pooled = dict(groups)
     clean, noisy = pooled["**clean, pooled**"], pooled["**noisy, pooled**"]
     rows = []
@@ -117,7 +117,7 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
                      f"{np.mean(c):.2f} vs {np.mean(c_last) + 0.1:.2f}: {'met' if ok1 else 'not met'}" if c else "n/a",
                      f"{np.mean(n):.2f} vs {np.mean(n_val) + 1.0:.2f}: {'met' if ok2 else 'not met'}" if n else "n/a",
                      f"{worse}: {'met' if worse == 0 else 'not met'}"])
-    out += ["### Issue 12's criteria, per rule",
+    out += ["### The default's acceptance criteria, per rule",
             "On every finished run of this grid, base and extended pooled: (1) clean runs, mean gap no worse than the last "
             "checkpoint's + 0.1; (2) noisy runs, mean gap within 1 point of the 500-image labelled set's; (3) no run worse than "
             "the probe alone by more than 1 point.",

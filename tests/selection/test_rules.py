@@ -152,3 +152,15 @@ def test_unknown_rule_and_option_are_one_sentence():
         select_by_rule("nope", steps, cols)
     with pytest.raises(ValfreeError, match="unknown rule option"):
         select_by_rule("probe", steps, cols, bogus=1)
+
+
+def test_select_checkpoint_takes_a_rule_and_its_columns():
+    from valfree import select_checkpoint
+
+    steps, cols = _noisy_run()
+    choice = select_checkpoint(steps, cols["grad_norm"], rule="guarded", pred_change=cols["pred_change"],
+                               label_agreement=cols["label_agreement"], pred_subset=cols["pred_subset"])
+    assert choice.step == select_by_rule("guarded", steps, cols).step and choice.guard_fired
+    assert select_checkpoint(steps, cols["grad_norm"]).step == choice.probe.step
+    with pytest.raises(ValfreeError, match="pass rule="):
+        select_checkpoint(steps, cols["grad_norm"], pred_change=cols["pred_change"])

@@ -143,8 +143,10 @@ def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | N
         for p in progress_bar(paths, quiet, desc="test accuracy", unit="ckpt"):
             writer.writerow([str(p.resolve()), accuracy(load_into(eval_model, p), test)])
 
-    print("4/4 selecting with the universal preset (tail 20 %, EMA 3, argmin of the head-gradient norm)\n")
-    rows, steps, scores, sel = choose(str(scores_csv), "grad_norm", "0.2", 3, "min")
+    print("4/4 selecting with the default rule: the probe's universal preset (tail 20 %, EMA 3, argmin of the "
+          "head-gradient norm), guarded by prediction changes against memorised labels\n")
+    rows, steps, scores, choice = choose(str(scores_csv), "grad_norm", "0.2", 3, "min")
+    sel = choice.probe
     acc_by_name = {Path(r["path"]).name: float(r["test_accuracy"]) for r in csv.DictReader(open(metrics_csv))}
     accs = [acc_by_name[Path(r["path"]).name] for r in rows]
     oracle = max(range(len(accs)), key=accs.__getitem__)
@@ -152,14 +154,15 @@ def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | N
     start, stop = sel.window
     print(f"{'step':>7} {'grad_norm':>10} {'smoothed':>10} {'test acc':>9}")
     for i in sorted(range(len(rows)), key=lambda i: steps[i]):
-        tags = [t for t, j in (("chosen", sel.index), ("best on test", oracle), ("last", last)) if i == j]
+        tags = [t for t, j in (("chosen", choice.index), ("best on test", oracle), ("last", last)) if i == j]
         print(f"{steps[i]:>7.0f} {scores[i]:>10.4f} {sel.smoothed[i]:>10.4f} {accs[i]:>9.2%}  {', '.join(tags)}")
     report = write_report(scores_csv, out_dir / "report.html", metrics=metrics_csv, title="valfree demo")
+    print(f"\nRule {choice.rule}: {choice.reason}.")
     print(
-        f"\nChosen without labels: step {sel.step:.0f}, test accuracy {accs[sel.index]:.2%}. "
-        f"Best on test: step {steps[oracle]:.0f}, {accs[oracle]:.2%} (gap {100 * (accs[oracle] - accs[sel.index]):.2f} points). "
+        f"Chosen without labels: step {choice.step:.0f}, test accuracy {accs[choice.index]:.2%}. "
+        f"Best on test: step {steps[oracle]:.0f}, {accs[oracle]:.2%} (gap {100 * (accs[oracle] - accs[choice.index]):.2f} points). "
         f"Last checkpoint: {accs[last]:.2%}."
     )
     print(f"Report: {report}")
-    print(f"Chosen checkpoint: {rows[sel.index]['path']}")
+    print(f"Chosen checkpoint: {rows[choice.index]['path']}")
     return 0

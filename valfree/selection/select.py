@@ -77,14 +77,29 @@ def select_checkpoint(
     tail: float | int = 0.2,
     ema: float = 3,
     mode: str = "min",
-) -> Selection:
+    rule: str | None = None,
+    **columns,
+):
     """Choose a checkpoint from a score series without labels.
 
     Sort by step, smooth with an EMA of span ``ema``, restrict to the ``tail`` window (a fraction of
     the series or a count of points), and take the argmin (``mode="min"``, for the head gradient and
     other lower-is-better signals) or argmax (``mode="max"``). NaN or infinite scores are never chosen
     and are listed in ``invalid``. The defaults are the paper's universal preset.
+
+    ``rule`` names one of :data:`valfree.selection.rules.RULES` (e.g. ``"guarded"``, ``"label-wave"``);
+    the series it reads beyond the probe's come as keyword columns (``pred_change=``,
+    ``label_agreement=``, ``pred_subset=``), aligned with ``steps``, and the result is then a
+    :class:`~valfree.selection.rules.RuleChoice` (``index``, ``step``, ``reason``, the probe's own
+    :class:`Selection` as ``probe``). Without ``rule`` this is the probe's preset and returns a
+    :class:`Selection`.
     """
+    if rule is not None:
+        from .rules import select_by_rule  # rules builds on this function
+
+        return select_by_rule(rule, steps, {"grad_norm": scores, **columns}, tail=tail, ema=ema, mode=mode)
+    if columns:
+        raise ValfreeError(f"columns {', '.join(sorted(columns))} are read only by a rule; pass rule=... as well.")
     if mode not in MODES:
         raise ValfreeError(f"mode must be 'min' or 'max', not {mode!r}.")
     s = np.asarray(steps, dtype=float)
