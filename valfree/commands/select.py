@@ -21,6 +21,7 @@ from ..selection.rules import (
     RuleChoice,
     memorisation_warning,
     memorised_fraction,
+    stable_rejections,
     select_by_rule,
 )
 from ..selection.select import Selection
@@ -232,7 +233,8 @@ def noise_diagnostic(rows: list[dict], steps: np.ndarray) -> tuple[dict | None, 
     if found is None:
         return None, None
     estimate, wave_step = found
-    return {**estimate.as_dict(), "wave_step": wave_step}, memorisation_warning(estimate, wave_step)
+    settled = stable_rejections(steps, columns)
+    return {**estimate.as_dict(), "wave_step": wave_step}, memorisation_warning(estimate, wave_step, settled=settled)
 
 
 def select_from_file(source: str, column: str = "grad_norm", tail="0.2", ema: float = 3, mode: str | None = None,

@@ -185,6 +185,20 @@ def agreement_gain(run: _Run, start: int, stop: int, subset_size: int | None) ->
     return Estimate(gain, se, gain - half, gain + half)
 
 
+def _stable_rejections(run: _Run, wave: WaveChoice) -> float:
+    """1 - LA_m - PC_m: a lower bound on the share of the subset the model steadily disagrees with at
+    the Label Wave point m (see the guarded rule)."""
+    return 1.0 - float(run.columns[LA_COLUMN][wave.index]) - float(wave.smoothed[wave.index])
+
+
+def stable_rejections(steps: Sequence[float], columns: Mapping[str, Sequence[float]], **options) -> float | None:
+    """:func:`_stable_rejections` of a run's columns; None when it has no PC or no label agreement."""
+    run = _Run(steps, columns)
+    if not (run.has(PC_COLUMN) and run.has(LA_COLUMN)):
+        return None
+    return _stable_rejections(run, _wave(run, RuleOptions(**options), "stable rejections"))
+
+
 def memorised_fraction(steps: Sequence[float], columns: Mapping[str, Sequence[float]], subset_size: int | None = None,
                        **options) -> tuple[Estimate, float] | None:
     """(LA_end - LA_m, the step of m): the share of the subset the model came to agree with only after
@@ -227,7 +241,12 @@ def _guarded(rule: str, need_rise: bool) -> Callable[[_Run, RuleOptions], RuleCh
         n_sub = _subset_size(run, opts)
         gain = agreement_gain(run, m, p, n_sub) if p > m else Estimate(0.0, 0.0, 0.0, 0.0)
         lower = gain.low if math.isfinite(gain.low) else gain.value
-        fired = p > m and lower >= opts.min_gain
+        # Rejections must be stable to be memorised later: of the 1 - LA_m the model disagrees with at m,
+        # at most PC_m (its churn per checkpoint there) can be mere flicker, so at least
+        # 1 - LA_m - PC_m are labels it steadily rejects. A model still churning as much as it disagrees
+        # (early, high-learning-rate training) has no settled rejections, whatever it gains later.
+        stable_rejections = _stable_rejections(run, wave)
+        fired = p > m and lower >= opts.min_gain and stable_rejections >= opts.min_gain
         if fired and need_rise:
             pc = wave.smoothed
             se = math.sqrt(max(pc[m] * (1 - pc[m]), 0.0) / n_sub) if n_sub else 0.0
@@ -242,6 +261,10 @@ def _guarded(rule: str, need_rise: bool) -> Callable[[_Run, RuleOptions], RuleCh
             return run.choice(rule, m, reason, **extra)
         if p <= m:
             why = "the probe's choice does not come after the prediction-change minimum"
+        elif stable_rejections < opts.min_gain and lower >= opts.min_gain:
+            why = (f"at the prediction-change minimum the model still changed {wave.smoothed[m]:.3f} of its predictions per "
+                   f"checkpoint, as many as the {1 - float(run.columns[LA_COLUMN][m]):.3f} it disagreed with, so it had no "
+                   "settled rejections to memorise")
         else:
             why = f"label agreement rose by only {gain.value:.3f} after the prediction-change minimum (lower bound {lower:.3f})"
         return run.choice(rule, p, f"memorisation guard quiet ({why}); kept the probe's choice", **extra)
@@ -280,10 +303,14 @@ def select_by_rule(rule: str, steps: Sequence[float], columns: Mapping[str, Sequ
     return RULES[rule](_Run(steps, columns), RuleOptions(**options))
 
 
-def memorisation_warning(estimate: Estimate | None, wave_step: float | None, min_gain: float = MIN_GAIN) -> str | None:
+def memorisation_warning(estimate: Estimate | None, wave_step: float | None, min_gain: float = MIN_GAIN,
+                         settled: float | None = None) -> str | None:
     """A plain warning when a run looks like it memorised wrong labels: the label agreement gained
-    after the Label Wave point is at least ``min_gain`` with 95 % confidence. None otherwise."""
+    after the Label Wave point is at least ``min_gain`` with 95 % confidence, and (``settled``, from
+    :func:`stable_rejections`) the model steadily rejected at least that share there. None otherwise."""
     if estimate is None or not math.isfinite(estimate.value):
+        return None
+    if settled is not None and settled < min_gain:
         return None
     low = estimate.low if math.isfinite(estimate.low) else estimate.value
     if low < min_gain:
