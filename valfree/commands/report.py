@@ -264,5 +264,5 @@ def write_report(scores_csv, output="report.html", metrics=None, metric=None, co
     page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page)
+    out.write_text(page, encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 file name shows escaped
     return out
