@@ -123,7 +123,9 @@ def test_nan_logits_flagged_and_others_intact(run_dir, tmp_path):
     assert main(["score", str(run_dir), "--model", MODEL, "--data", "digits", "--out", str(out)]) == 1
     table = rows(out)
     assert sum(r["status"] == "ok" for r in table) == 12
-    assert "non-finite weights (NaN or inf) in fc.weight" in [r for r in table if r["step"] == "800"][0]["error"]
+    nan_row = [r for r in table if r["step"] == "800"][0]
+    assert "non-finite weights (NaN or inf) in fc.weight" in nan_row["error"]
+    assert nan_row["status"] == "nonfinite"  # its own status: neither a result nor a broken file
 
 
 def test_labels_out_of_range_are_one_sentence_before_the_loop(run_dir, tmp_path, capsys):
