@@ -29,9 +29,9 @@ bench-tpv: setup
 
 bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
 
-# Evidence benchmark (docs/benchmarks.md): 36 trajectories, about an hour and a half on 2 idle cores (the last 25 min
-# evaluate every checkpoint on the rest of the test split); cached and resumable, so a
-# rerun only redoes what is missing. bench-quick: one seed of two families, about a minute on 2 idle cores
+# Evidence benchmark (docs/benchmarks.md): the base grid (36 runs) and the memorisation regimes (60 runs), each
+# recording predicted classes on a training subset at every checkpoint; several hours on 2 idle cores (the
+# 40-epoch noisy ResNet and CNN runs dominate); cached and resumable, so a rerun only redoes what is missing. bench-quick: one seed of two families, about a minute on 2 idle cores
 # (docs/benchmarks_quick.md).
 bench-evidence: setup
 	$(PY) -m benchmarks.evidence run --workers 2
