@@ -31,14 +31,6 @@ def score(folder, out, *extra):
                  "--pred-subset", str(SUBSET), *extra])
 
 
-@pytest.fixture
-def run_dir(tmp_path, digits_trajectory):
-    folder, _ = digits_trajectory
-    dst = tmp_path / "ckpts"
-    shutil.copytree(folder, dst)
-    return dst
-
-
 def test_columns_equal_a_direct_computation(run_dir, tmp_path):
     out = tmp_path / "scores.csv"
     assert score(run_dir, out) == 0

@@ -22,14 +22,6 @@ def rows(path):
         return list(csv.DictReader(fh))
 
 
-@pytest.fixture
-def run_dir(tmp_path, digits_trajectory):
-    folder, _ = digits_trajectory
-    dst = tmp_path / "ckpts"
-    shutil.copytree(folder, dst)
-    return dst
-
-
 def test_score_select_report_and_resume(run_dir, tmp_path, capsys):
     out = tmp_path / "scores.csv"
     assert main(["score", str(run_dir), "--model", MODEL, "--data", "digits", "--out", str(out)]) == 0
