@@ -46,9 +46,9 @@ from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer
 from .distributed import agree_any
-from .monitor import probe_capture, split_probe_batch
+from .monitor import checked_probe_source, probe_capture
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
-from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker, needs_predictions
+from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker
 
 try:
     from transformers import TrainerCallback
@@ -112,14 +112,8 @@ class LabelFreeCallback(TrainerCallback):
         load_best_at_end: bool = True,
         results: str | os.PathLike | None = None,
     ):
-        if piggyback and probe_batch is not None:
-            raise ValfreeError(
-                "give LabelFreeCallback either probe_batch (a dict of inputs with 'labels') or piggyback=True, not both."
-            )
-        if probe_batch is not None:
-            split_probe_batch(probe_batch)  # one clear error now rather than at the first check
-        if pred_subset is None and not needs_predictions(rule):
-            pred_subset = 0
+        pred_subset = checked_probe_source("LabelFreeCallback", "(a dict of inputs with 'labels')", probe_batch, piggyback,
+                                           rule, pred_subset)
         self.probe_batch = probe_batch
         self.piggyback, self.load_best_at_end = piggyback, load_best_at_end
         self.requested = self.options = ProbeOptions(head, loss, label_smoothing, ignore_index)

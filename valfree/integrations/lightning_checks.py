@@ -20,9 +20,9 @@ from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..batches import label_of
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
-from .monitor import probe_capture, split_probe_batch
+from .monitor import checked_probe_source, probe_capture
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
-from .tracking import DEFAULT_PATIENCE, DEFAULT_WARMUP, ScoreTracker, needs_predictions
+from .tracking import DEFAULT_PATIENCE, DEFAULT_WARMUP, ScoreTracker
 
 try:
     import lightning.pytorch as pl
@@ -84,14 +84,8 @@ class _Prober:
 
     def __init__(self, probe_batch, piggyback, options: ProbeOptions, targets_from_batch, rule: str,
                  pred_subset, probe_size: int, seed: int):
-        if piggyback and probe_batch is not None:
-            raise ValfreeError(
-                "give the callback either probe_batch=(inputs, targets) for fixed-batch mode or piggyback=True, not both."
-            )
-        if probe_batch is not None:
-            split_probe_batch(probe_batch)  # one clear error now rather than at the first check
-        if pred_subset is None and not needs_predictions(rule):
-            pred_subset = 0
+        pred_subset = checked_probe_source("the callback", "(inputs, targets) for fixed-batch mode", probe_batch,
+                                           piggyback, rule, pred_subset)
         self.probe_batch, self.piggyback, self.requested = probe_batch, piggyback, options
         self.targets_from_batch = targets_from_batch
         self.pred_subset, self.probe_size, self.seed = pred_subset, probe_size, seed

@@ -49,6 +49,18 @@ from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_WARMUP, Best, ScoreTracker, needs_predictions
 
 
+def checked_probe_source(who: str, how: str, probe_batch, piggyback: bool, rule: str, pred_subset: int | None) -> int | None:
+    """The constructor checks the Monitor and the callbacks share: a fixed probe batch or piggyback, not
+    both (``who`` and ``how`` say whom and how to pass the batch); a batch that cannot be split is one
+    error now rather than at the first check. Returns the prediction subset size (0 where the rule does
+    not read prediction changes and none was asked for)."""
+    if piggyback and probe_batch is not None:
+        raise ValfreeError(f"give {who} either probe_batch={how} or piggyback=True, not both.")
+    if probe_batch is not None:
+        split_probe_batch(probe_batch)
+    return 0 if pred_subset is None and not needs_predictions(rule) else pred_subset
+
+
 def split_probe_batch(batch) -> tuple[object, object]:
     """(inputs, targets) from ``(inputs, targets)`` or a dict holding ``labels``; targets may be 'pseudo'."""
     if isinstance(batch, dict):
@@ -154,10 +166,8 @@ class Monitor:
         shard: bool = True,
         group=None,
     ):
-        if piggyback and probe_batch is not None:
-            raise ValfreeError(
-                "give the Monitor either probe_batch=(inputs, targets) for fixed-batch mode or piggyback=True, not both."
-            )
+        pred_subset = checked_probe_source("the Monitor", "(inputs, targets) for fixed-batch mode", probe_batch, piggyback,
+                                           rule, pred_subset)
         if not isinstance(every, int) or every < 1:
             raise ValfreeError(f"every must be a positive number of steps, not {every!r}.")
         if "{step" not in filename:
@@ -170,11 +180,7 @@ class Monitor:
         expected = total_steps // every if total_steps else None
         self.tracker = ScoreTracker(score, mode, tail, ema, save_top_k, patience, min_delta, results,
                                     writer=self.rank == 0, rule=rule, warmup=warmup, expected_checks=expected)
-        if pred_subset is None and not needs_predictions(rule):
-            pred_subset = 0
         options = ProbeOptions(head, loss, label_smoothing, ignore_index)
-        if probe_batch is not None:
-            split_probe_batch(probe_batch)  # one clear error now rather than at the first check
         self.measurer = CheckMeasurer(probe_batch, options=options, pred_subset=pred_subset, probe_size=probe_size,
                                       seed=seed, shard=shard, group=group)
         if train_data is not None:

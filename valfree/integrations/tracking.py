@@ -263,7 +263,7 @@ class ScoreTracker:
             try:
                 from ..selection.rules import select_by_rule
 
-                choice = select_by_rule("probe", self.rules.steps, self.rules._columns(), tail=self.tail, ema=self.ema)
+                choice = select_by_rule("probe", self.rules.steps, self.rules.columns(), tail=self.tail, ema=self.ema)
             except ValfreeError:
                 choice = None
         if choice is None:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from ..errors import ValfreeError
+from .early_stopping import EarlyStopping
 from .label_wave import as_count
 from .rules import LA_COLUMN, PC_COLUMN, PROBE_COLUMN, RULES, SUBSET_COLUMN, RuleChoice, select_by_rule
-from .smoothing import ema as ema_series
 
 COLUMNS = (PROBE_COLUMN, PC_COLUMN, LA_COLUMN, SUBSET_COLUMN)
 
@@ -79,7 +78,8 @@ class RuleTracker:
         return as_count(self.warmup, len(self.steps) or 1, "warmup")
 
     # -- reading ---------------------------------------------------------------------------------
-    def _columns(self) -> dict:
+    def columns(self) -> dict:
+        """The series seen so far that hold at least one finite value, by column name."""
         return {k: v for k, v in self.series.items() if any(math.isfinite(x) for x in v)}
 
     @property
@@ -88,7 +88,7 @@ class RuleTracker:
         if not self.steps:
             return None
         try:
-            return select_by_rule(self.rule, self.steps, self._columns(), **self.rule_options)
+            return select_by_rule(self.rule, self.steps, self.columns(), **self.rule_options)
         except ValfreeError:
             return None  # not enough of the needed columns yet
 
@@ -104,13 +104,14 @@ class RuleTracker:
         return keep
 
     def _probe_stalled(self) -> bool:
+        """The core :class:`EarlyStopping` rule replayed over the probe series seen so far."""
         values = self.series[PROBE_COLUMN]
         if not any(math.isfinite(v) for v in values):
             return False
-        smoothed = ema_series(values, self.rule_options.get("ema", 3))
-        finite = np.flatnonzero(np.isfinite(smoothed))
-        best = int(finite[np.argmin(smoothed[finite])])
-        return len(values) - 1 - best >= self.patience
+        stopper = EarlyStopping(self.patience, mode="min", ema=self.rule_options.get("ema", 3))
+        for step, value in zip(self.steps, values):
+            stopper.update(step, value)
+        return stopper.stopped
 
     def _should_stop(self) -> bool:
         choice = self.choice
