@@ -147,11 +147,10 @@ def score_checkpoints(
     if refs is None:
         refs, note = discover_checkpoints(sources)
     dataset = load_dataset(data_spec, split)
-    x, y = draw_probe_batch(dataset, data_spec, batch_size, seed)  # refuses data that cannot be batched
     track = recipe is None and loss == "ce" and pred_subset > 0
+    # The subset's draw holds the probe batch, so its items are read once; both refuse data that cannot be batched.
     subset = TrainingSubset(dataset, batch_size, pred_subset, seed, data_spec, split) if track else None
-    if subset is not None:
-        x, y = subset.x_probe, subset.y_probe  # the same items, drawn with the subset
+    x, y = (subset.x_probe, subset.y_probe) if subset is not None else draw_probe_batch(dataset, data_spec, batch_size, seed)
     if targets == "labels" and recipe is not None and not recipe.needs_labels:
         target = y  # the diffusion and lm presets read no labels (lm: an attention mask if y is one)
     elif targets == "labels":

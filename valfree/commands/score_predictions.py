@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import NonFiniteScore
-from ..io.data import probe_batch, seeded_indices
+from ..io.data import seeded_indices
 from ..io.predictions import PredictionSidecar, indices_hash
 from ..io.results import STATUS_OK, ResultsStore
 from ..batches import batch_size_of, move_to, take
@@ -34,6 +34,7 @@ from ..probes.heads import Head, find_head
 from ..probes.options import ProbeOptions
 from ..probes.prediction_changes import label_agreement, predicted_classes, prediction_changes
 from ..selection.rules import DEFAULT_PRED_SUBSET  # noqa: F401  (the size, chosen as the docstring says)
+from .preflight import draw_probe_batch
 
 PC_COLUMNS = ("pred_change", "label_agreement", "pred_subset")
 
@@ -57,7 +58,7 @@ class TrainingSubset:
     def __init__(self, dataset, batch_size: int, size: int, seed: int, data_spec: str, split: str):
         probe_idx = seeded_indices(dataset, batch_size, seed)
         all_idx = seeded_indices(dataset, max(size, batch_size), seed)
-        x_all, y_all = probe_batch(dataset, max(size, batch_size), seed)
+        x_all, y_all = draw_probe_batch(dataset, data_spec, max(size, batch_size), seed)
         # seeded_indices cuts one permutation, so the probe's items are among the subset's; find where.
         at = torch.searchsorted(all_idx, probe_idx)
         rest = torch.ones(len(all_idx), dtype=torch.bool)
