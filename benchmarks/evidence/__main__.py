@@ -25,6 +25,12 @@ def cmd_train(args) -> int:
     from .runner import run_grid
 
     specs = grid(args.grid)
+    if args.runs:  # only these runs (names as in the report: family-regime-sSEED)
+        unknown = sorted(set(args.runs) - {s.name for s in specs})
+        if unknown:
+            print(f"not in the {args.grid} grid: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        specs = [s for s in specs if s.name in set(args.runs)]
     if args.reverse:  # a second runner on the same cache works from the other end; locks keep them apart
         specs = specs[::-1]
     if args.coverage:  # seed 0 of everything, then the cheap families' other seeds, the costly ones last
@@ -74,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", choices=["full", "quick", "extended", "all"], default=None,
                         help="full: the base grid (36 runs); extended: the memorisation regimes; all: both (one cache)")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--runs", nargs="+", metavar="NAME", help="train only these runs, e.g. cnn-noisy-s0 (the report's run names)")
     parser.add_argument("--reverse", action="store_true", help="train the grid in reverse order (for a second runner)")
     parser.add_argument("--coverage", action="store_true", help="seed 0 first, then cheap families' other seeds, costly ones last")
     parser.add_argument("--cheap-first", action="store_true", help="cheap families first (MLP, ViT, CNN, ResNet), so that a partial grid misses costly runs")
