@@ -13,6 +13,19 @@ of PC comes just before that memorisation. The rule, as an early stopper read in
 3. stop as soon as ``patience`` checkpoints have passed without a new minimum; the choice is the
    minimum at that moment. A series that never stops chooses its minimum over [start, n).
 
+A significant minimum. PC is a proportion measured on a subset of n elements, so each smoothed value
+s_t carries sampling noise: Var(PC_t) = p (1 - p) / n, and a trailing mean over w checkpoints divides
+that by w (the subset is the same at every checkpoint, but which elements flip is close to independent
+from one checkpoint to the next). With ``subset_size`` given, a later value counts as a new minimum
+only when it lies below the current one by more than the noise of their difference,
+
+    s_i < s_m - z sqrt(2 s_m (1 - s_m) / (n w)),    z = 1.96,
+
+the two-sample one-sided test at the 2.5 % level. Without it a plateau on which PC drifts down by a
+few thousandths per checkpoint, as it does under a decaying learning rate while the model memorises,
+keeps setting "new" minima that are within noise of each other, so the patience never runs out and no
+point is ever confirmed. ``subset_size=None`` is the paper's rule: any decrease is a new minimum.
+
 The official code starts at the third epoch and stops after 10 epochs without a new minimum. A folder
 of checkpoints has no epochs, so ``start`` and ``patience`` are counts of checkpoints (int) or
 fractions of the series (float in (0, 1]). Because step 3 is online, the choice never depends on
@@ -34,6 +47,8 @@ from ..errors import ValfreeError
 # two PCs are the steepest part of learning), patience a fifth of the run (10 of the official code's
 # ~50 epochs).
 LABEL_WAVE_DEFAULTS = {"window": 3, "patience": 0.2, "start": 2}
+# One-sided 97.5 % normal quantile: the test a new minimum passes when the subset size is known.
+MINIMUM_Z = 1.96
 
 
 def trailing_mean(values: Sequence[float], window: int) -> np.ndarray:
@@ -86,10 +101,21 @@ class WaveChoice:
         return float(self.smoothed[self.index])
 
 
+def significant_drop(minimum: float, subset_size: int | None, window: int) -> float:
+    """How far below ``minimum`` a smoothed PC must lie to count as a new minimum (module docstring);
+    0 without a subset size."""
+    if not subset_size:
+        return 0.0
+    p = min(max(float(minimum), 0.0), 1.0)
+    return MINIMUM_Z * math.sqrt(2.0 * p * (1.0 - p) / (int(subset_size) * int(window)))
+
+
 def label_wave_point(
-    pred_change: Sequence[float], window: int = 3, patience: float | int = 0.2, start: float | int = 2
+    pred_change: Sequence[float], window: int = 3, patience: float | int = 0.2, start: float | int = 2,
+    subset_size: int | None = None,
 ) -> WaveChoice:
-    """Apply the Label Wave rule to a PC series already in step order (see the module docstring)."""
+    """Apply the Label Wave rule to a PC series already in step order (see the module docstring);
+    with ``subset_size`` a new minimum must be significant."""
     pc = np.asarray(pred_change, dtype=float)
     if pc.ndim != 1 or len(pc) == 0:
         raise ValfreeError("the prediction-change series is empty, so there is no Label Wave point.")
@@ -110,7 +136,7 @@ def label_wave_point(
         raise ValfreeError("every prediction-change value is NaN; were predictions recorded for two checkpoints or more?")
     best, stopped = int(candidates[0]), None
     for i in range(int(candidates[0]), n):
-        if np.isfinite(smoothed[i]) and smoothed[i] < smoothed[best]:
+        if np.isfinite(smoothed[i]) and smoothed[i] < smoothed[best] - significant_drop(smoothed[best], subset_size, window):
             best = i
         if i - best >= wait:
             stopped = i

@@ -56,6 +56,8 @@ DEFAULT_PRED_SUBSET = 2048
 # clean runs keep fitting a few per cent of hard examples late in training.
 MIN_GAIN = 0.05
 Z = 1.96
+# The guarded rules' Label Wave point needs a significant new minimum (label_wave.significant_drop).
+GUARD_SIGNIFICANT_MINIMUM = False
 
 
 @dataclass
@@ -119,6 +121,9 @@ class RuleOptions:
     pc_window: int = LABEL_WAVE_DEFAULTS["window"]
     min_gain: float = MIN_GAIN
     subset_size: int | None = None
+    # Whether a new PC minimum must be significant (label_wave.significant_drop); None: the rule's own
+    # default, GUARD_SIGNIFICANT_MINIMUM for the guarded rules, the paper's plain minimum for label-wave.
+    significant: bool | None = None
 
 
 class _Run:
@@ -159,7 +164,9 @@ def _probe(run: _Run, opts: RuleOptions) -> Selection:
 
 
 def _wave(run: _Run, opts: RuleOptions, rule: str) -> WaveChoice:
-    return label_wave_point(run.need(PC_COLUMN, rule), window=opts.pc_window, patience=opts.patience, start=opts.start)
+    significant = opts.significant if opts.significant is not None else rule != "label-wave" and GUARD_SIGNIFICANT_MINIMUM
+    return label_wave_point(run.need(PC_COLUMN, rule), window=opts.pc_window, patience=opts.patience, start=opts.start,
+                            subset_size=_subset_size(run, opts) if significant else None)
 
 
 def _subset_size(run: _Run, opts: RuleOptions) -> int | None:
