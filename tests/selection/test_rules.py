@@ -52,6 +52,52 @@ def test_stop_never_looks_past_the_patience():
     assert a.index == b.index == 3
 
 
+def test_a_plateau_drifting_within_noise_is_confirmed_only_with_significance():
+    # PC falls, then drifts down by 0.001 per checkpoint (a decaying learning rate while the model
+    # memorises): every drift is a new plain minimum, so the patience never runs out; with the subset
+    # size known the drifts are within noise and the first point of the plateau is confirmed.
+    pc = [math.nan, 0.30, 0.20, 0.12] + [0.119 - 0.001 * t for t in range(16)]
+    plain = label_wave_point(pc, window=1, patience=4, start=2)
+    assert plain.stopped_at is None and plain.index == len(pc) - 1
+    significant = label_wave_point(pc, window=1, patience=4, start=2, subset_size=2048)
+    assert significant.index == 3 and significant.stopped_at == 7
+
+
+def test_a_clear_new_minimum_stays_a_minimum_with_significance():
+    pc = [math.nan, 0.30, 0.20, 0.12, 0.08, 0.05, 0.04, 0.06, 0.09, 0.12, 0.14, 0.15, 0.15]
+    assert label_wave_point(pc, window=1, patience=3, start=2, subset_size=4096).index == 6
+
+
+def test_significant_drop_is_the_monte_carlo_spread_of_a_smoothed_difference():
+    # n elements flip independently with probability p at each checkpoint; the difference of two
+    # trailing means over w checkpoints has the standard deviation significant_drop / 1.96.
+    from valfree.selection.label_wave import MINIMUM_Z, significant_drop, trailing_mean
+
+    rng = np.random.default_rng(0)
+    n, p, w, draws = 2048, 0.1, 3, 4000
+    flips = rng.binomial(n, p, size=(draws, 2 * w)) / n
+    diffs = np.array([trailing_mean(f[:w], w)[-1] - trailing_mean(f[w:], w)[-1] for f in flips])
+    sd = diffs.std(ddof=1)
+    expected = significant_drop(p, n, w) / MINIMUM_Z
+    # the sample sd of 4000 draws has a relative standard error of 1 / sqrt(2 (draws - 1)) ~ 1.1 %
+    assert abs(sd - expected) < 4 * expected / math.sqrt(2 * (draws - 1))
+    assert significant_drop(p, None, w) == 0.0
+
+
+def test_guarded_rule_option_selects_the_significant_wave():
+    pc = np.array([math.nan, 0.30, 0.20, 0.12] + [0.119 - 0.001 * t for t in range(16)])
+    n = len(pc)
+    steps = np.arange(1, n + 1) * 10.0
+    la = np.concatenate([np.linspace(0.5, 0.62, 4), np.linspace(0.63, 0.95, n - 4)])
+    cols = {"grad_norm": np.linspace(2.0, 0.5, n), "pred_change": pc, "label_agreement": la, "pred_subset": np.full(n, 2048)}
+    assert select_by_rule("guarded", steps, cols, significant=False, patience=4).guard_fired is False
+    sig = select_by_rule("guarded", steps, cols, significant=True, patience=4)
+    # the 3-checkpoint moving average reaches the plateau at index 5 (0.12, 0.119, 0.118)
+    assert sig.guard_fired is True and sig.index == 5
+    # label-wave stays the paper's plain minimum unless asked
+    assert select_by_rule("label-wave", steps, cols, patience=4).index == n - 1
+
+
 def _noisy_run(n=20, m=7):
     steps = np.arange(1, n + 1) * 100.0
     probe = np.linspace(2.0, 0.5, n)  # the probe keeps falling while the model memorises
