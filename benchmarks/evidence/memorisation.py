@@ -42,6 +42,34 @@ CANDIDATES = {
     "guarded (plain minimum)": ("guarded", {"significant": False}),
     "guarded (significant minimum)": ("guarded", {"significant": True}),
 }
+# The runs not yet trained when the candidates were fixed: every other run of the grid had been seen.
+UNSEEN_WHEN_FIXED = (
+    "resnet-small-s0",
+    "cnn-clean-s0",
+    "cnn-noisy-s0",
+    "cnn-small-s0",
+    "cnn-noisy-constant-s0",
+    "cnn-noisy-adam-s0",
+    "cnn-noisy-step-s0",
+    "cnn-noisy20-s0",
+    "cnn-noisy60-s0",
+    "cnn-asym40-s0",
+    "cnn-tiny-s0",
+    "cnn-clean-bn-highlr-s0",
+    "cnn-clean-step-s0",
+    "resnet-clean-s1",
+    "resnet-noisy-s1",
+    "resnet-small-s1",
+    "cnn-clean-s1",
+    "cnn-noisy-s1",
+    "cnn-small-s1",
+    "resnet-clean-s2",
+    "resnet-noisy-s2",
+    "resnet-small-s2",
+    "cnn-clean-s2",
+    "cnn-noisy-s2",
+    "cnn-small-s2",
+)
 SUBSET_SIZES = (512, 1024, 2048, 4096)
 SUBSET_DRAWS = 10  # random subsamples of the recorded subset per size (< the recorded size)
 PLOT_PREFERENCE = ("clean", "noisy", "noisy-step", "tiny", "asym40", "clean-bn-highlr", "clean-step", "noisy60",
@@ -82,11 +110,16 @@ def _true_rate(regime_meta: dict) -> float:
     return float(regime_meta.get("label_noise", 0.0))
 
 
+def has_predictions(run: Run) -> bool:
+    """Whether the run has the prediction columns (recorded, or carried over from the committed JSON)."""
+    return run.pred is not None or bool(np.isfinite(run.series("pred_change")[1:]).all())
+
+
 def rule_details(runs: list[Run]) -> dict:
     """Per run and rule: the choice, its gap, whether the guard fired, and the rule's reason."""
     out = {}
     for run in runs:
-        if run.pred is None:
+        if not has_predictions(run):
             continue
         cols = _columns(run)
         rec = {}
@@ -99,14 +132,64 @@ def rule_details(runs: list[Run]) -> dict:
     return out
 
 
+def candidate_results(runs: list[Run], regimes: dict) -> dict:
+    """Each default-rule candidate's gap per run, and the pooled figures the decision reads, on the
+    runs seen when the candidates were fixed (rebuilt from the committed results) and on the unseen."""
+    per_run = {}
+    for run in runs:
+        if not has_predictions(run):
+            continue
+        cols = _columns(run)
+        probe = gap(run, int(select_by_rule("probe", run.steps, cols).index))
+        rec = {"seen": run.name not in UNSEEN_WHEN_FIXED, "noisy": _true_rate(regimes.get(run.regime, {})) > 0,
+               "probe": probe, "last": gap(run, len(run.rows) - 1)}
+        for name, (rule, options) in CANDIDATES.items():
+            choice = select_by_rule(rule, run.steps, cols, **options)
+            rec[name] = {"gap": gap(run, int(choice.index)), "guard_fired": bool(choice.guard_fired)}
+        per_run[run.name] = rec
+    pooled = {}
+    for part, keep in (("seen", lambda r: r["seen"]), ("unseen", lambda r: not r["seen"]), ("all", lambda r: True)):
+        for group, noisy in (("clean", False), ("noisy", True)):
+            members = [r for r in per_run.values() if keep(r) and r["noisy"] == noisy]
+            if not members:
+                continue
+            cell = {"runs": len(members), "last": float(np.mean([r["last"] for r in members])),
+                    "probe": float(np.mean([r["probe"] for r in members]))}
+            for name in CANDIDATES:
+                cell[name] = float(np.mean([r[name]["gap"] for r in members]))
+                cell[f"{name}|fired"] = int(sum(r[name]["guard_fired"] for r in members))
+                cell[f"{name}|worse_than_probe"] = int(sum(r[name]["gap"] > r["probe"] + 1 for r in members))
+            pooled[f"{part}|{group}"] = cell
+    return {"candidates": {k: {"rule": v[0], "options": v[1]} for k, v in CANDIDATES.items()}, "per_run": per_run,
+            "pooled": pooled, "decision": candidate_decision(pooled)}
+
+
+def candidate_decision(pooled: dict) -> dict:
+    """The decision rule of the module docstring, applied to the whole grid's pooled figures."""
+    clean, noisy = pooled.get("all|clean"), pooled.get("all|noisy")
+    if not (clean and noisy):
+        return {"chosen": None, "why": "the grid lacks clean or noisy runs"}
+    meets = {}
+    for name in CANDIDATES:
+        worse = clean[f"{name}|worse_than_probe"] + noisy[f"{name}|worse_than_probe"]
+        meets[name] = {"clean_ok": clean[name] <= clean["last"] + 0.1, "none_worse": worse == 0, "noisy_gap": noisy[name]}
+    plain, significant = list(CANDIDATES)
+    m = meets[significant]
+    chosen = significant if (m["clean_ok"] and m["none_worse"] and m["noisy_gap"] < meets[plain]["noisy_gap"]) else plain
+    return {"chosen": chosen, "criteria": meets}
+
+
 def noise_estimates(runs: list[Run], regimes: dict) -> dict:
     """Per run: the label-noise estimate (estimate, low, high) against the regime's rate and the subset's."""
     out = {}
     for run in runs:
-        if run.pred is None:
+        if not has_predictions(run):
             continue
         est = label_noise_estimate(run.steps, _columns(run))
-        subset_rate = float(np.mean(run.pred["given"] != run.pred["true"]))
+        if run.pred is not None:
+            subset_rate = float(np.mean(run.pred["given"] != run.pred["true"]))
+        else:  # a carried run: the rate among its subset's labels, as reported
+            subset_rate = float((run.carried.get("noise") or {}).get("subset_rate", float("nan")))
         true = _true_rate(regimes.get(run.regime, {}))
         out[run.name] = {"regime": run.regime, "family": run.family, "true_rate": true, "subset_rate": subset_rate,
                          "estimate": None if est is None else float(est[0]),
@@ -213,7 +296,7 @@ def plot_runs(runs: list[Run], limit: int = 8) -> list[str]:
     fam_order = {"mlp": 0, "vit": 1, "cnn": 2, "resnet": 3}
     chosen = []
     for reg in PLOT_PREFERENCE + tuple(sorted({r.regime for r in runs} - set(PLOT_PREFERENCE))):
-        cands = sorted((r for r in runs if r.regime == reg and r.pred is not None), key=lambda r: (r.seed, fam_order.get(r.family, 9)))
+        cands = sorted((r for r in runs if r.regime == reg and has_predictions(r)), key=lambda r: (r.seed, fam_order.get(r.family, 9)))
         if cands:
             chosen.append(cands[0].name)
         if len(chosen) >= limit:
@@ -223,7 +306,7 @@ def plot_runs(runs: list[Run], limit: int = 8) -> list[str]:
 
 
 def memorisation_results(runs: list[Run], meta: list[dict], regimes: dict) -> dict | None:
-    if not any(r.pred is not None for r in runs):
+    if not any(has_predictions(r) for r in runs):
         return None
     return {
         "rules": list(RULES), "default_rule": DEFAULT_RULE, "noise_estimator": NOISE_ESTIMATOR,
@@ -233,5 +316,6 @@ def memorisation_results(runs: list[Run], meta: list[dict], regimes: dict) -> di
         "subset_size": subset_size_study(runs, regimes),
         "cost": prediction_cost(meta, runs),
         "plot_runs": plot_runs(runs),
-        "subset": {r.name: int(r.pred["pred"].shape[1]) for r in runs if r.pred is not None},
+        "subset": {r.name: int(r.series("pred_subset")[0]) for r in runs if has_predictions(r)},
+        "candidates": candidate_results(runs, regimes),
     }

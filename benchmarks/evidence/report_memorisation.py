@@ -37,6 +37,39 @@ def _gaps(r: dict, names: list[str], sel: str) -> list[float]:
     return [r["per_run"][n]["chosen"][sel]["gap"] for n in names if sel in r["per_run"][n]["chosen"]]
 
 
+def _section_candidates(mem: dict) -> list[str]:
+    """How the default rule was chosen: the candidates fixed before the unseen runs were trained, their
+    pooled gaps on the seen and the unseen runs, and the decision rule's verdict."""
+    cand = mem.get("candidates")
+    if not cand:
+        return []
+    names = list(cand["candidates"])
+    rows = []
+    for part in ("seen", "unseen", "all"):
+        for group in ("clean", "noisy"):
+            cell = cand["pooled"].get(f"{part}|{group}")
+            if not cell:
+                continue
+            rows.append([part, group, str(cell["runs"]), _f(cell["last"]), _f(cell["probe"])] +
+                        [f"{_f(cell[n])} (fired {cell[f'{n}|fired']}, worse {cell[f'{n}|worse_than_probe']})" for n in names])
+    decision = cand["decision"]
+    verdict = (f"Decision (the rule in `benchmarks/evidence/memorisation.py`, applied to all runs): **{decision['chosen']}**." if decision.get("chosen")
+               else f"No decision: {decision.get('why')}.")
+    crit = decision.get("criteria", {})
+    detail = "; ".join(f"{n}: clean criterion {'met' if c['clean_ok'] else 'not met'}, "
+                       f"{'no run' if c['none_worse'] else 'some run'} worse than the probe by more than 1 point, "
+                       f"noisy mean gap {c['noisy_gap']:.2f}" for n, c in crit.items())
+    return ["### Choosing the default rule",
+            "Two candidates for the default were fixed, with the decision rule, before the CNN family and the remaining ResNet "
+            "runs were trained (`UNSEEN_WHEN_FIXED` in `benchmarks/evidence/memorisation.py`): `guarded` with the paper's plain "
+            "minimum of smoothed PC, and `guarded` with a significant minimum (a new minimum must lie 1.96 standard errors of "
+            "the difference below the current one, `valfree.selection.label_wave.significant_drop`). The second becomes the "
+            "default only if, on all runs, it meets the clean criterion and leaves no run worse than the probe by more than "
+            "1 point, and has the lower noisy mean gap. Mean gap in points (runs where the guard fired; runs worse than the "
+            "probe alone by more than 1 point); *seen*: the runs looked at before fixing the candidates, *unseen*: the others.",
+            _table(["runs", "labels", "n", "last", "probe", *names], rows), verdict + (f" {detail}." if detail else "")]
+
+
 def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
     mem = r.get("memorisation")
     if not mem:
@@ -74,6 +107,11 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
         "other jobs).")
     if r.get("runs_missing"):
         out.append(f"**Missing runs ({len(r['runs_missing'])}):** {', '.join(r['runs_missing'])}.")
+    if r.get("runs_carried"):
+        out.append(f"{len(r['runs_carried'])} runs were not in this machine's cache and were rebuilt from the committed results' "
+                   "per-checkpoint series (`benchmarks/evidence/carried.py`): every rule and every selector whose input those "
+                   "series hold ran again on them with the current code; the 100- and 1000-image labelled sets' choices and the "
+                   "studies that resample the prediction matrices come from the cached runs or as reported before.")
     # Gap table per regime: mean (worst run).
     rows = []
     for label, names in groups:
@@ -122,6 +160,7 @@ def section_memorisation(r: dict, img: Path, img_prefix: str = "img/") -> str:
             "checkpoint's + 0.1; (2) noisy runs, mean gap within 1 point of the 500-image labelled set's; (3) no run worse than "
             "the probe alone by more than 1 point.",
             _table(["rule", "(1) clean: mean gap vs last + 0.1", "(2) noisy: mean gap vs val500 + 1", "(3) runs worse than probe by >1"], rows)]
+    out += _section_candidates(mem)
     # Worse than the probe by more than 1 point, and guard firing.
     guarded = [x for x in rules if any(d[x]["guard_fired"] is not None for d in mem["details"].values())]
     rows = []

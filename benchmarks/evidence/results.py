@@ -23,6 +23,7 @@ from .metrics import correlation_summary, evaluate_runs, summarise
 from .probe_size import probe_size_summary
 from .selectors import Run, all_selectors
 from .signals import load_signals, merged_rows
+from .carried import carried_runs
 from .memorisation import attach_predictions, memorisation_results
 from .trajectories import load_predictions, load_trajectory
 
@@ -89,8 +90,12 @@ def machine() -> dict:
     }
 
 
-def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Path = CACHE) -> dict:
+def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Path = CACHE, previous: dict | None = None) -> dict:
+    """Everything the report shows. Runs missing from the cache but reported in ``previous`` (the
+    committed JSON) are rebuilt from its curves (carried.py) instead of counted as missing."""
     runs, meta, missing = collect(specs, cache)
+    carried, carried_meta, missing = carried_runs(previous, missing)
+    runs, meta = runs + carried, meta + carried_meta
     if not runs:
         raise RuntimeError(f"no finished runs in {cache}; train the grid first")
     selectors = all_selectors(specs[0].val_sizes)
@@ -110,6 +115,7 @@ def build_results(grid_name: str, specs: list[RunSpec], command: str, cache: Pat
             "probe_size": specs[0].probe_size, "batch_size": specs[0].batch_size,
         },
         "runs_expected": len(specs), "runs_finished": len(runs), "runs_missing": missing,
+        "runs_carried": [r.name for r in carried],
         "selectors": [{"name": s.name, "label": s.label, "kind": s.kind} for s in selectors],
         "run_meta": meta,
         "curves": {r.name: {"epoch": [row["epoch"] for row in r.rows], **{k: r.series(k).tolist() for k in CURVE_KEYS}} for r in runs},

@@ -60,6 +60,8 @@ class Run:
     rows: list[dict]
     # predictions.npz as plain arrays (steps, pred [T, S], index, given, true), where it was recorded
     pred: dict | None = None
+    # For a run rebuilt from the committed results (carried.py): what it reported that its curves do not hold
+    carried: dict | None = None
 
     @property
     def steps(self) -> list[float]:

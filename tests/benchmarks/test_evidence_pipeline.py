@@ -209,3 +209,29 @@ def test_memorisation_section(tiny, tmp_path):
     text = report.render(json.loads(json.dumps(results)), None, tmp_path / "img", "tiny")
     assert "## Memorisation" in text and "### PC's standard error" in text
     assert (tmp_path / "img" / "evidence_prediction_changes.png").exists()
+
+
+def test_a_run_gone_from_the_cache_is_rebuilt_from_the_committed_results(tiny, tmp_path):
+    """carried.py: the JSON's curves rebuild a run whose cache is gone, and every choice it reported
+    (recomputed or carried) comes out the same."""
+    import shutil
+
+    specs, cache, results = tiny
+    previous = json.loads(json.dumps(results))
+    partial = tmp_path / "cache"
+    shutil.copytree(cache, partial)
+    gone = specs[0].name
+    shutil.rmtree(partial / gone)
+    with without_weightwatcher():
+        rebuilt = json.loads(json.dumps(build_results("tiny", specs, "pytest", partial, previous=previous)))
+    assert rebuilt["runs_carried"] == [gone] and rebuilt["runs_missing"] == []
+    for sel, choice in previous["per_run"][gone]["chosen"].items():
+        assert rebuilt["per_run"][gone]["chosen"][sel]["index"] == choice["index"], sel
+    assert rebuilt["memorisation"]["details"][gone] == previous["memorisation"]["details"][gone]
+    cand = rebuilt["memorisation"]["candidates"]
+    assert set(cand["per_run"]) == {s.name for s in specs}
+    assert cand["decision"]["chosen"] in cand["candidates"] or cand["decision"]["chosen"] is None
+    # without the committed results the run is missing, not invented
+    with without_weightwatcher():
+        alone = build_results("tiny", specs, "pytest", partial)
+    assert alone["runs_missing"] == [gone]
