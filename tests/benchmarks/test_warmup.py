@@ -15,24 +15,25 @@ def test_probe_stops_patience_checks_after_the_smoothed_minimum():
     # check 5, and checks 6, 7, 8 do not improve on it: patience 3 runs out at check 8. The restored
     # checkpoint is the smoothed minimum of the last 20 % of 8 checks (checks 7 and 8): check 7.
     assert replay(cols, "probe", 0, patience=3) == (8, 6)
-    # A warm-up of 10 checks holds the stop back to check 11; the tail is then checks 9-11, and the
-    # smoothed probe is lowest at check 9.
-    assert replay(cols, "probe", 10, patience=3) == (11, 8)
-    # As a fraction of the 12 expected checks: 0.2 -> 3 checks, which does not bind; 0.75 -> 9 checks,
-    # so the stop comes at check 10 and the tail (checks 9-10) chooses check 9.
+    # A warm-up of 10 checks: the patience counts from check 11, whose smoothed score becomes the best;
+    # check 12 does not improve on it and the run ends first. The tail (checks 10-12) chooses check 10.
+    assert replay(cols, "probe", 10, patience=3) == (12, 9)
+    # As a fraction of the 12 expected checks: 0.2 -> 3 checks, which does not bind (the minimum at
+    # check 5 comes after it); 0.75 -> 9 checks, the patience counts from check 10 and never runs out.
     assert replay(cols, "probe", 0.2, patience=3) == (8, 6)
-    assert replay(cols, "probe", 0.75, patience=3) == (10, 8)
+    assert replay(cols, "probe", 0.75, patience=3) == (12, 9)
     # Without early stopping the run takes all 12 checks, and the tail (checks 10-12) chooses check 10.
     assert replay(cols, "probe", 0.2, patience=None) == (12, 9)
 
 
-def test_probe_lowest_at_the_first_check_stops_right_after_the_warmup():
-    # A probe that only rises is lowest at check 1: patience 3 runs out at check 4, whatever the warm-up
-    # below that, and a longer warm-up only delays the stop (the patience counts during the warm-up).
+def test_probe_patience_counts_from_the_end_of_the_warmup():
+    # A probe that only rises is lowest at check 1: with no warm-up, patience 3 runs out at check 4.
+    # After a warm-up the patience starts again from the first check after it: 3 warm-up checks stop the
+    # run at check 7 (tail: checks 6-7, choosing 6), 6 warm-up checks at check 10 (tail 9-10, choosing 9).
     cols = {"grad_norm": [1.0 + i for i in range(12)]}
     assert replay(cols, "probe", 0, patience=3) == (4, 3)
-    assert replay(cols, "probe", 3, patience=3) == (4, 3)
-    assert replay(cols, "probe", 0.5, patience=3) == (7, 5)  # 6 warm-up checks; tail of 7 is checks 6-7
+    assert replay(cols, "probe", 3, patience=3) == (7, 5)
+    assert replay(cols, "probe", 0.5, patience=3) == (10, 8)
 
 
 def memorising_run() -> dict:

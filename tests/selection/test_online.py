@@ -50,7 +50,17 @@ def test_no_stop_during_warmup():
     steps = np.arange(1, 21) * 10.0
     rising = {"grad_norm": np.linspace(1, 3, 20)}
     assert _feed(RuleTracker("probe", warmup=0, patience=3), steps, rising) == 3
-    assert _feed(RuleTracker("probe", warmup=0.5, patience=3, expected_checks=20), steps, rising) == 10
+    # the warm-up holds the first 10 checks; the patience then counts from the first check after it
+    # (index 10), whose score becomes the best, so the rule stops 3 checks later
+    assert _feed(RuleTracker("probe", warmup=0.5, patience=3, expected_checks=20), steps, rising) == 13
+
+
+def test_a_minimum_inside_the_warmup_does_not_end_the_patience_at_once():
+    # the probe is lowest at the very first check, then flat: without restarting the patience at the
+    # end of the warm-up, the patience would already have run out at check 10
+    steps = np.arange(1, 31) * 10.0
+    early_low = {"grad_norm": np.array([0.1] + [1.0] * 29)}
+    assert _feed(RuleTracker("probe", warmup=10, patience=5), steps, early_low) == 15
 
 
 def test_state_round_trip_and_validation():

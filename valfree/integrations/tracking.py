@@ -35,7 +35,7 @@ from ..errors import ValfreeError
 from ..io.results import STATUS_OK, ResultsStore, identity_columns, probe_row
 from ..probes import HeadGradient
 from ..selection import MODES, EarlyStopping, Selection, ema_step, tail_window
-from ..selection.online import RuleTracker
+from ..selection.online import RuleTracker, replay_early_stopping
 from ..selection.rules import DEFAULT_RULE, LA_COLUMN, PC_COLUMN, PROBE_COLUMN, RULES, SUBSET_COLUMN, RuleChoice
 
 SCORE_FIELDS = tuple(f.name for f in fields(HeadGradient) if f.type in ("float", float))
@@ -188,7 +188,7 @@ class ScoreTracker:
         for old in self._retire(index, smoothed):
             if remove is not None and self.paths[old]:
                 remove(self.paths[old])
-        probe_stalled = self.early_stopping.update(step, value) if self.early_stopping is not None else False
+        probe_stalled = self._replay_early_stopping().stopped if self.early_stopping is not None else False
         if self.early_stopping is not None and not self.stopped and not self.in_warmup():
             self.stopped = self._rule_says_stop(probe_stalled)
         if keep:
@@ -203,6 +203,13 @@ class ScoreTracker:
         row.update(columns)
         self.results.append(row)
         return row
+
+    def _replay_early_stopping(self) -> EarlyStopping:
+        """The probe's early stopping over the series so far, its patience counted from the end of the
+        warm-up (selection.online.replay_early_stopping)."""
+        self.early_stopping = replay_early_stopping(self.steps, self.values, self.patience, self.rules.warmup_length(),
+                                                    self.min_delta, self.mode, self.ema)
+        return self.early_stopping
 
     def _rule_says_stop(self, probe_stalled: bool) -> bool:
         if self.rule == "probe":
@@ -334,3 +341,5 @@ class ScoreTracker:
                                      expected_checks=self.rules.expected_checks, tail=self.tail, ema=self.ema)
             for s, v in zip(self.steps, self.values):
                 self.rules.update(s, **{PROBE_COLUMN: v if self.mode == "min" else -v})
+        if self.early_stopping is not None and self.steps:
+            self._replay_early_stopping()

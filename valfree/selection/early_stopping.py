@@ -35,6 +35,12 @@ class EarlyStopping:
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
+    def restart(self) -> None:
+        """Forget the best score and the wait, keep the smoothing: improvements count from the next
+        update on. Called where a warm-up ends, so that a low score during the warm-up (the probe
+        starts low before the features carry signal) cannot run the patience out right after it."""
+        self.best, self.best_step, self.wait, self.stopped = math.nan, None, 0, False
+
     def update(self, step: float, score: float) -> bool:
         """Feed one score; return True once training should stop."""
         if math.isfinite(score):

@@ -14,7 +14,9 @@ never disagree. What it adds is *when to stop*:
 No rule stops during the warm-up: the first ``warmup`` checks (a count, or a fraction of
 ``expected_checks`` when that is known). The probe rises early in training, before the features carry
 signal, and prediction changes oscillate while the learning rate is high, so an early minimum of
-either says nothing.
+either says nothing. For the same reason the probe's patience counts from the end of the warm-up: its
+best score is the best seen after it (as ``start_from_epoch`` in Keras' early stopping), so that a
+minimum during the warm-up cannot run the patience out right after it.
 
 ``candidate_steps`` are the steps whose checkpoints a caller must keep: the rule's current choice,
 and for the guarded rules also the Label Wave point and the probe's choice, either of which may
@@ -32,6 +34,20 @@ from .label_wave import as_count
 from .rules import LA_COLUMN, PC_COLUMN, PROBE_COLUMN, RULES, SUBSET_COLUMN, RuleChoice, select_by_rule
 
 COLUMNS = (PROBE_COLUMN, PC_COLUMN, LA_COLUMN, SUBSET_COLUMN)
+
+
+def replay_early_stopping(steps, values, patience: int, warmup: int, min_delta: float = 0.0, mode: str = "min",
+                          ema: float = 3) -> EarlyStopping:
+    """The core :class:`EarlyStopping` fed a whole series, its patience restarted after the first
+    ``warmup`` values. Replaying instead of updating one value at a time makes the state a function of
+    the series and the warm-up alone, so a resumed run whose expected length changed ends where a run
+    of that length from the start would."""
+    stopper = EarlyStopping(patience, min_delta=min_delta, mode=mode, ema=ema)
+    for i, (step, value) in enumerate(zip(steps, values)):
+        if i == warmup:
+            stopper.restart()
+        stopper.update(step, value)
+    return stopper
 
 
 class RuleTracker:
@@ -68,14 +84,25 @@ class RuleTracker:
             self.stopped = self._should_stop()
         return self.stopped
 
+    def warmup_length(self) -> int:
+        """How many checks the warm-up lasted, once it is over (the first ``n`` with
+        ``n > warmup_checks()`` at ``n`` checks, minus one); the current count while it lasts."""
+        for n in range(1, len(self.steps) + 1):
+            if n > self._warmup_checks_at(n):
+                return n - 1
+        return len(self.steps)
+
     def warmup_checks(self) -> int:
+        return self._warmup_checks_at(len(self.steps))
+
+    def _warmup_checks_at(self, seen: int) -> int:
         if isinstance(self.warmup, float) and not isinstance(self.warmup, bool):
             if self.expected_checks is None:
                 # Without a known length, a fraction means that share of the checks seen so far could
                 # still be warm-up; a fixed floor keeps the first checks out.
-                return max(3, math.ceil(self.warmup * len(self.steps)))
+                return max(3, math.ceil(self.warmup * seen))
             return as_count(self.warmup, self.expected_checks, "warmup")
-        return as_count(self.warmup, len(self.steps) or 1, "warmup")
+        return as_count(self.warmup, seen or 1, "warmup")
 
     # -- reading ---------------------------------------------------------------------------------
     def columns(self) -> dict:
@@ -108,10 +135,8 @@ class RuleTracker:
         values = self.series[PROBE_COLUMN]
         if not any(math.isfinite(v) for v in values):
             return False
-        stopper = EarlyStopping(self.patience, mode="min", ema=self.rule_options.get("ema", 3))
-        for step, value in zip(self.steps, values):
-            stopper.update(step, value)
-        return stopper.stopped
+        return replay_early_stopping(self.steps, values, self.patience, self.warmup_length(),
+                                     ema=self.rule_options.get("ema", 3)).stopped
 
     def _should_stop(self) -> bool:
         choice = self.choice
