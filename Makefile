@@ -1,7 +1,7 @@
 # Thin wrappers over scripts/dev.sh, which also works where make is not installed.
 PY := .venv/bin/python
 
-.PHONY: setup demo test fuzz bench bench-quick bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-beyond clean
+.PHONY: setup demo test fuzz bench bench-quick bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-score bench-beyond clean
 
 setup:
 	bash scripts/dev.sh setup
@@ -27,7 +27,7 @@ bench-tpv: setup
 	nice -n 10 $(PY) benchmarks/tpv_speed.py
 	nice -n 10 $(PY) benchmarks/tpv_stability.py
 
-bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations
+bench: bench-probe bench-tpv bench-prune bench-evidence bench-integrations bench-score
 
 # Evidence benchmark (docs/benchmarks.md): the base grid (36 runs) and the memorisation regimes (60 runs), each
 # recording predicted classes on a training subset at every checkpoint; several hours on 2 idle cores (the
@@ -39,6 +39,10 @@ bench-evidence: setup
 # Overhead of the training integrations (docs/integrations.md): a few minutes on 2 shared cores.
 bench-integrations: setup
 	nice -n 10 $(PY) benchmarks/integration_overhead.py
+
+# The share of `valfree score`'s time spent recording predictions (docs/guide.md): about 6 min on 2 shared cores.
+bench-score: setup
+	nice -n 10 $(PY) benchmarks/score_cost.py
 
 # Beyond classification (docs/beyond.md): segmentation, detection, diffusion, two LMs, then the diffusion
 # probe-batch sensitivity; about 30 min on 2 shared cores, checkpoints cached in benchmarks/cache/beyond/.

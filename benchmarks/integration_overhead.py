@@ -13,7 +13,24 @@ Everything is measured in the same run, so only ratios are reported:
 
 Targets: piggyback under 1 % of a step; fixed batch every 100 steps under 0.1 % of an epoch.
 
+Prediction changes (Label Wave), for the demo CNN and the MLP (``valfree.models.mlp()``), timed in
+blocks that interleave training steps with the tracking:
+
+- fixed subset: ``PredictionTracker.measure`` (one eval-mode forward over the subset, in chunks of
+  256, as the integrations build it) for each subset size, divided by the training between two
+  checks at each integration's default cadence: the Monitor's ``every=100`` steps, Lightning's one
+  check per epoch and the Hugging Face Trainer's default ``save_steps=500``, on a realistic epoch
+  (Fashion-MNIST's 60000 images at batch 128 = 469 steps); the subset each one uses by default is
+  read from the code (the Monitor's after one ``step(batch=...)``; the callbacks' ``CheckMeasurer``
+  default), and the size :func:`valfree.integrations.prediction_tracking.training_pred_subset`
+  gives at their cadence is shown beside it;
+- piggyback: ``PredictionTracker.observe`` on each training batch (right after its backward, as the
+  Monitor calls it) plus ``flush`` at each check, divided by the step time.
+
+Target: the default tracking under 1 % of training time.
+
     python benchmarks/integration_overhead.py            # 3 rounds; writes the JSON and the docs table
+    python benchmarks/integration_overhead.py --only predictions   # only the prediction-change part
     python benchmarks/integration_overhead.py --quick    # one short round, prints only
 
 Times are taken with both the wall clock and the process's CPU clock. On a machine shared with other
@@ -41,14 +58,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import valfree  # noqa: E402
+from valfree.integrations.checks import CheckMeasurer  # noqa: E402
+from valfree.integrations.prediction_tracking import PredictionTracker, training_pred_subset  # noqa: E402
 from valfree.io.data import digits, fashion_mnist, fashion_mnist_available, probe_batch  # noqa: E402
-from valfree.models import cnn  # noqa: E402
+from valfree.models import cnn, mlp  # noqa: E402
+from valfree.probes import ProbeOptions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "integration_overhead.json"
 DOCS = ROOT / "docs" / "integrations.md"
 BEGIN, END = "<!-- BEGIN integration_overhead -->", "<!-- END integration_overhead -->"
 BATCH, TRAIN_IMAGES, EVERY = 128, 12000, 100
 PROBE_BATCHES = (32, 64, 128, 256)
+# Prediction changes: the subset sizes timed, and a realistic epoch (Fashion-MNIST's 60000 training
+# images at batch 128) for the cadences that count in epochs.
+PC_SUBSETS = (256, 512, 1024, 2048)
+EPOCH_STEPS = -(-60000 // BATCH)
+HF_SAVE_STEPS = 500  # transformers.TrainingArguments' default save_steps
+PC_TARGET_PERCENT = 1.0
 
 
 def load_data():
@@ -156,6 +182,104 @@ def measure_round(model, opt, batches, dataset, steps: int, fixed_repeats: int, 
     }
 
 
+def default_cadences(model, batches) -> list[dict]:
+    """Each integration's default check cadence (in steps of BATCH) and the prediction subset it uses
+    by default, read from the code; with the size ``training_pred_subset`` gives at that cadence."""
+    monitor = valfree.Monitor(model, every=EVERY)
+    monitor.step(1, batch=batches[0])  # the first batch tells the Monitor the batch size
+    monitor_subset = monitor.measurer.pred_subset
+    monitor.close()
+    callback_subset = CheckMeasurer(options=ProbeOptions()).pred_subset  # Lightning's and HF's default
+    return [
+        {"integration": "Monitor", "cadence": f"every={EVERY} steps", "steps_per_check": EVERY,
+         "subset": monitor_subset},
+        {"integration": "Lightning", "cadence": f"every epoch ({EPOCH_STEPS} steps)", "steps_per_check": EPOCH_STEPS,
+         "subset": callback_subset},
+        {"integration": "Hugging Face", "cadence": f"save_steps={HF_SAVE_STEPS}", "steps_per_check": HF_SAVE_STEPS,
+         "subset": callback_subset},
+    ]
+
+
+def measure_predictions(models: dict, batches, x_pc, y_pc, sizes, repeats: int, block: int = 8) -> dict:
+    """Prediction-change tracking against training, per model: ``repeats`` blocks, each of ``block``
+    training steps (each followed by a timed ``observe`` of its batch, as piggyback does) and then one
+    ``measure`` of every subset size (in an order that rotates from block to block), so that the
+    step times and the measurements share the machine's state."""
+    out = {}
+    for name, (model, opt) in models.items():
+        trackers = {n: PredictionTracker(x_pc[:n], y_pc[:n], batch_size=256) for n in sizes}
+        piggy = PredictionTracker()
+        for n in sizes:
+            trackers[n].measure(model)  # warm-up
+        for x, y in batches[:3]:
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        steps, observe, flush, measure = [], [], [], {n: [] for n in sizes}
+        for r in range(repeats):
+            for i in range(block):
+                k = (r * block + i) % len(batches)
+                x, y = batches[k]
+                ids = torch.arange(k * BATCH, k * BATCH + len(y))
+                start = now()
+                logits = model(x)
+                F.cross_entropy(logits, y).backward()
+                mid = now()
+                piggy.observe(ids, logits, y)
+                seen = since(mid)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                total = since(start)
+                observe.append(seen)
+                steps.append((total[0] - seen[0], total[1] - seen[1]))
+            start = now()
+            piggy.flush()
+            flush.append(since(start))
+            for j in range(len(sizes)):
+                n = sizes[(r + j) % len(sizes)]
+                start = now()
+                trackers[n].measure(model)
+                measure[n].append(since(start))
+        step_wall, step_cpu = medians(steps)
+        obs_wall, obs_cpu = medians(observe)
+        flush_wall, flush_cpu = medians(flush)
+        by_size = {}
+        for n in sizes:
+            wall, cpu = medians(measure[n])
+            by_size[str(n)] = {"measure_ms_cpu": 1e3 * cpu, "measure_ms_wall": 1e3 * wall,
+                               "steps_cpu": cpu / step_cpu}
+        per_input = [(step_cpu / BATCH) / (1e-3 * by_size[str(n)]["measure_ms_cpu"] / n) for n in sizes]
+        out[name] = {
+            "step_ms_cpu": 1e3 * step_cpu, "step_ms_wall": 1e3 * step_wall, "timed_steps": len(steps),
+            "observe_ms_cpu": 1e3 * obs_cpu, "observe_ms_wall": 1e3 * obs_wall,
+            "flush_ms_cpu": 1e3 * flush_cpu, "flush_ms_wall": 1e3 * flush_wall,
+            "by_subset": by_size,
+            # Inputs predicted (eval mode) in the time of training on one: the largest subset's ratio,
+            # where fixed costs weigh least.
+            "predicted_per_trained": per_input[-1],
+        }
+    return out
+
+
+def prediction_shares(pc: dict, cadences: list[dict]) -> list[dict]:
+    """The share of training time of each integration's default tracking, per model: the fixed subset
+    it uses, the one ``training_pred_subset`` gives at its cadence, and piggyback."""
+    rows = []
+    for c in cadences:
+        every = c["steps_per_check"]
+        budgeted = training_pred_subset(every * BATCH)
+        row = {**c, "budgeted_subset": budgeted, "fixed_percent_cpu": {}, "budgeted_percent_cpu": {},
+               "piggyback_percent_cpu": {}}
+        for name, m in pc.items():
+            def share(n: int) -> float:
+                return 100 * m["by_subset"][str(n)]["measure_ms_cpu"] / (every * m["step_ms_cpu"])
+            row["fixed_percent_cpu"][name] = share(c["subset"])
+            row["budgeted_percent_cpu"][name] = share(budgeted)
+            row["piggyback_percent_cpu"][name] = 100 * (m["observe_ms_cpu"] + m["flush_ms_cpu"] / every) / m["step_ms_cpu"]
+        rows.append(row)
+    return rows
+
+
 def combine_rounds(rounds: list[dict]) -> dict:
     """The median over rounds of every number, with the [min, max] of the headline shares beside it.
     A virtual machine's speed drifts over minutes, and with it the step time the shares divide by."""
@@ -185,6 +309,28 @@ def combine_rounds(rounds: list[dict]) -> dict:
     }
 
 
+def combine_predictions(rounds: list[dict]) -> dict:
+    """The median over rounds of every per-model time and ratio; the shares of each default cadence
+    from those medians, with their [min, max] over rounds."""
+
+    def med_tree(values: list):
+        first = values[0]
+        if isinstance(first, dict):
+            return {k: med_tree([v[k] for v in values]) for k in first}
+        return statistics.median(values) if isinstance(first, (int, float)) else first
+
+    by_model = med_tree([r["by_model"] for r in rounds])
+    cadences = rounds[0]["cadences"]
+    shares = prediction_shares(by_model, cadences)
+    per_round = [prediction_shares(r["by_model"], cadences) for r in rounds]
+    for i, row in enumerate(shares):
+        for key in ("fixed_percent_cpu", "budgeted_percent_cpu", "piggyback_percent_cpu"):
+            row[key.replace("_cpu", "_cpu_range")] = {
+                name: [min(p[i][key][name] for p in per_round), max(p[i][key][name] for p in per_round)]
+                for name in row[key]}
+    return {"by_model": by_model, "defaults": shares, "target_percent_of_training": PC_TARGET_PERCENT}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="timed pairs of training steps per round")
@@ -192,6 +338,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: with more, OpenMP spin-waiting on a shared "
                              "machine inflates both clocks)")
+    parser.add_argument("--pc-repeats", type=int, default=10,
+                        help="blocks of training steps and prediction-change measurements per round")
+    parser.add_argument("--only", choices=("predictions",), default=None,
+                        help="measure only the prediction-change part and replace it in the existing JSON")
     parser.add_argument("--quick", action="store_true", help="one round of 40 pairs, print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -203,15 +353,18 @@ def main(argv=None) -> dict:
     model = cnn(in_size=size)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batches = [(x_all[i: i + BATCH], y_all[i: i + BATCH]) for i in range(0, BATCH * 16, BATCH)]
+    write = None if args.quick else write_docs
+    if args.only == "predictions":
+        result = json.loads(RESULTS.read_text()) if RESULTS.exists() and not args.quick else {}
+        result["prediction_changes"] = prediction_part(args, model, opt, batches, dataset, size, rounds_n)
+        return publish(result, RESULTS, write if "piggyback" in result else None)
     rounds = [measure_round(model, opt, batches, dataset, steps, 5 if args.quick else 30, steps_per_epoch)
               for _ in range(rounds_n)]
     result = {
         "benchmark": "integration_overhead",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": f"python benchmarks/integration_overhead.py --threads {args.threads} --rounds {rounds_n}",
-        "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-                     "load_average_1min": round(os.getloadavg()[0], 2)},
+        "hardware": hardware(),
         "setup": {"model": "valfree.models.cnn()", "data": data_name, "batch": BATCH, "train_images": len(x_all),
                   "steps_per_epoch": steps_per_epoch, "probe_batches": list(PROBE_BATCHES), "fixed_every": EVERY,
                   "timed_step_pairs": steps, "rounds": rounds_n},
@@ -219,12 +372,60 @@ def main(argv=None) -> dict:
         "rounds": rounds,
     }
     result["epoch_s_cpu"] = steps_per_epoch * result["step_ms_cpu"] / 1e3
+    result["prediction_changes"] = prediction_part(args, model, opt, batches, dataset, size, rounds_n)
+    return publish(result, RESULTS, write)
+
+
+def prediction_part(args, model, opt, batches, dataset, size: int, rounds_n: int) -> dict:
+    """The prediction-change measurement, with its own date, command and machine load (it can be
+    rerun alone with ``--only predictions``)."""
+    small = mlp(in_size=size)
+    models = {"cnn": (model, opt), "mlp": (small, torch.optim.SGD(small.parameters(), lr=0.05, momentum=0.9))}
+    x_pc, y_pc = probe_batch(dataset, max(PC_SUBSETS), seed=0)  # the seeded draw the integrations make
+    cadences = default_cadences(model, batches)
+    sizes = sorted(set(PC_SUBSETS) | {c["subset"] for c in cadences}
+                   | {training_pred_subset(c["steps_per_check"] * BATCH) for c in cadences})
+    repeats = 3 if args.quick else args.pc_repeats
+    rounds = [{"by_model": measure_predictions(models, batches, x_pc, y_pc, sizes, repeats), "cadences": cadences}
+              for _ in range(rounds_n)]
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/integration_overhead.py --only predictions --threads {args.threads} "
+                   f"--rounds {rounds_n}" + (f" --pc-repeats {repeats}" if repeats != 10 else ""),
+        "hardware": hardware(),
+        "setup": {"models": {"cnn": "valfree.models.cnn()", "mlp": "valfree.models.mlp()"}, "batch": BATCH,
+                  "subsets": sizes, "realistic_epoch_steps": EPOCH_STEPS, "hf_save_steps": HF_SAVE_STEPS,
+                  "rounds": rounds_n, "blocks": repeats, "steps_per_block": 8},
+        **combine_predictions(rounds),
+        "rounds": rounds,
+    }
+
+
+def hardware() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def publish(result: dict, path: Path, write_docs=None) -> dict:
+    """Print the result; with ``write_docs`` (not in a quick run) also write the JSON and the docs."""
     print(json.dumps(result, indent=2))
-    if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    if write_docs is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
         write_docs(result)
     return result
+
+
+def replace_marked(path: Path, begin: str, end: str, block: str) -> None:
+    """Replace what lies between the ``begin`` and ``end`` markers of a docs page (the markers are in
+    ``block``); the rest of the page is prose and stays. A page without them gets them at its end."""
+    text = path.read_text() if path.exists() else ""
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(head + block + tail)
 
 
 def write_docs(r: dict) -> None:
@@ -267,14 +468,55 @@ def write_docs(r: dict) -> None:
         f"{diff_hi:+.2f} %; each round's 95 % bootstrap interval is in the JSON) and "
         f"{p['paired_difference_percent_wall']:+.2f} % in wall time ({wdiff_lo:+.2f} to {wdiff_hi:+.2f} %). "
         "Step-to-step noise is of the order of the cost being measured, which is why the table times the probe itself.",
+        *(prediction_docs(r["prediction_changes"]) if "prediction_changes" in r else []),
         END,
     ])
-    text = DOCS.read_text() if DOCS.exists() else f"# Training integrations\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(head + table + tail)
+    replace_marked(DOCS, BEGIN, END, table)
+
+
+def prediction_docs(pc: dict) -> list[str]:
+    """The prediction-change rows of the docs: each integration's default as a share of training time."""
+    setup, hw = pc["setup"], pc["hardware"]
+    models = list(pc["by_model"])
+    m = pc["by_model"]
+    big = str(max(int(n) for n in m[models[0]]["by_subset"]))
+
+    def cells(row: dict, key: str) -> str:
+        return " | ".join(f"{row[key][name]:.2f} % ({row[key + '_range'][name][0]:.2f} to {row[key + '_range'][name][1]:.2f})"
+                          for name in models)
+
+    rows = [
+        f"| {row['integration']} | {row['cadence']} | {row['subset']} | {cells(row, 'fixed_percent_cpu')} | "
+        f"{row['budgeted_subset']} | {cells(row, 'budgeted_percent_cpu')} | {cells(row, 'piggyback_percent_cpu')} |"
+        for row in pc["defaults"]
+    ]
+
+    def heads(label: str) -> str:
+        return " | ".join(f"{label}, {name}" for name in models)
+
+    per_model = "; ".join(
+        f"{name} (`{setup['models'][name]}`): a training step {m[name]['step_ms_cpu']:.1f} ms, predicting {big} inputs "
+        f"{m[name]['by_subset'][big]['measure_ms_cpu']:.1f} ms ({m[name]['by_subset'][big]['steps_cpu']:.1f} steps; "
+        f"{m[name]['predicted_per_trained']:.1f} inputs predicted in the time of training on one), `observe` "
+        f"{m[name]['observe_ms_cpu']:.2f} ms per step"
+        for name in models)
+    return [
+        "",
+        f"**Prediction changes**, measured {pc['date'][:10]} with `{pc['command']}` (1-minute load average "
+        f"{hw['load_average_1min']} at the end), in {setup['rounds']} rounds of {setup['blocks']} blocks of "
+        f"{setup['steps_per_block']} training steps (each followed by a timed piggyback `observe` of its batch) "
+        f"and one `PredictionTracker.measure` of every subset size; CPU time, median over rounds (range). {per_model}. Each share divides one check's "
+        "tracking by the training since the previous check, at the integration's default cadence on a "
+        f"{setup['realistic_epoch_steps']}-step epoch (Fashion-MNIST's 60000 images at batch 128). *default "
+        "subset*: what the integration predicts at each check as shipped; *budgeted*: what "
+        "`training_pred_subset` gives at that cadence; *piggyback*: `observe` on every batch and `flush` at "
+        "each check, with no prediction pass.",
+        "",
+        f"| integration | default cadence | default subset | {heads('default subset')} | budgeted subset | "
+        f"{heads('budgeted')} | {heads('piggyback')} |",
+        "|---|---|---|" + "---|" * len(models) + "---|" + "---|" * (2 * len(models)),
+        *rows,
+    ]
 
 
 if __name__ == "__main__":

@@ -31,3 +31,28 @@ def test_rounds_combine_to_medians_with_ranges():
     assert cell["probe_ms_cpu"] == 20
     assert cell["every_for_0.1_percent"] == 200  # the median of 200, 175 and 211.1, rounded up
     assert r["fixed_batch"]["target_percent_of_epoch"] == 0.1 and r["piggyback"]["target_percent_of_step"] == 1.0
+
+
+def fake_predictions(step_ms: float, measure_ms: dict, observe_ms: float) -> dict:
+    model = {"step_ms_cpu": step_ms, "observe_ms_cpu": observe_ms, "flush_ms_cpu": 0.0,
+             "by_subset": {str(n): {"measure_ms_cpu": ms} for n, ms in measure_ms.items()}}
+    cadences = [{"integration": "Monitor", "cadence": "every=100 steps", "steps_per_check": 100, "subset": 256},
+                {"integration": "Lightning", "cadence": "every epoch", "steps_per_check": 469, "subset": 2048}]
+    return {"by_model": {"cnn": model}, "cadences": cadences}
+
+
+def test_prediction_tracking_shares_per_default_cadence():
+    from benchmarks.integration_overhead import combine_predictions
+
+    # 256 inputs cost one step and 2048 eight; 1200 is what training_pred_subset gives a 469-step epoch.
+    rounds = [fake_predictions(100, {256: 100, 1200: 480, 2048: 800}, 0.5),
+              fake_predictions(80, {256: 100, 1200: 480, 2048: 800}, 0.5)]
+    pc = combine_predictions(rounds)
+    monitor, lightning = pc["defaults"]
+    assert pc["by_model"]["cnn"]["step_ms_cpu"] == 90
+    assert monitor["fixed_percent_cpu"]["cnn"] == pytest.approx(100 * 100 / (100 * 90))
+    assert monitor["fixed_percent_cpu_range"]["cnn"] == pytest.approx([1.0, 1.25])
+    assert lightning["budgeted_subset"] == 1200
+    assert lightning["fixed_percent_cpu"]["cnn"] == pytest.approx(100 * 800 / (469 * 90))
+    assert lightning["budgeted_percent_cpu"]["cnn"] == pytest.approx(100 * 480 / (469 * 90))
+    assert monitor["piggyback_percent_cpu"]["cnn"] == pytest.approx(100 * 0.5 / 90)

@@ -242,3 +242,60 @@ def test_valfree_and_the_monitor_do_not_import_the_frameworks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("every, batch, want", [(100, 128, 256), (469, 128, 1200), (1000, 128, 2048), (100, 16, 256)])
+def test_the_default_prediction_subset_is_sized_from_the_training_between_checks(every, batch, want):
+    x, y = blobs(4096, 0)
+    monitor = valfree.Monitor(mlp(num_classes=4, in_size=8), every=every)
+    for step in range(1, every + 1):
+        start = (step - 1) * batch % len(x)
+        monitor.step(step, batch=(x[start: start + batch], y[start: start + batch]))
+    assert monitor.measurer.pred_subset == want
+    assert len(monitor.measurer.tracker.inputs) == want and monitor.last_columns["pred_subset"] == want
+
+
+def test_the_default_subset_waits_for_the_batch_size_before_drawing_from_a_dataset():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = blobs(4096, 0)
+    model = mlp(num_classes=4, in_size=8)
+    # A DataLoader tells its batch size at once: 1000 steps of 64 inputs pay for 1280.
+    loader = valfree.Monitor(model, every=1000, train_data=DataLoader(TensorDataset(x, y), batch_size=64))
+    assert loader.measurer.pred_subset == 1280
+    loader.step(1)
+    assert len(loader.measurer.tracker.inputs) == 1280
+    # A Dataset does not: its draw waits for the first batch, then follows it.
+    waits = valfree.Monitor(model, every=1000, train_data=TensorDataset(x, y))
+    assert not waits.measurer.ready
+    waits.step(1, batch=(x[:128], y[:128]))
+    assert len(waits.measurer.tracker.inputs) == 2048
+    # With nothing to tell, the draw at the first check takes the smallest default.
+    blind = valfree.Monitor(model, every=2, train_data=TensorDataset(x, y))
+    blind.step(1)
+    blind.step(2)
+    assert len(blind.measurer.tracker.inputs) == 256
+    # A size that was asked for is kept.
+    asked = valfree.Monitor(model, every=1000, pred_subset=512, train_data=TensorDataset(x, y))
+    asked.step(1)
+    assert len(asked.measurer.tracker.inputs) == 512
+
+
+@pytest.mark.parametrize("loader", [True, False])
+def test_a_resumed_monitor_redraws_its_subset_from_train_data(loader):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = blobs(600, 0)
+    data = DataLoader(TensorDataset(x, y), batch_size=32) if loader else TensorDataset(x, y)
+    model = mlp(num_classes=4, in_size=8)
+    first = valfree.Monitor(model, every=2, train_data=data, seed=3)
+    for step in (1, 2):
+        first.step(step, batch=(x[:32], y[:32]))
+    resumed = valfree.Monitor(model, every=2, train_data=data, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    for monitor in (first, resumed):
+        for step in (3, 4):
+            monitor.step(step, batch=(x[:32], y[:32]))
+    # The same rows, and their predictions at the last check: the series goes on as if never stopped.
+    assert torch.equal(resumed.measurer.tracker.inputs, first.measurer.tracker.inputs)
+    assert resumed.last_columns == first.last_columns and resumed.last_columns["pred_change"] == 0.0

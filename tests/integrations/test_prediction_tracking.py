@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from valfree.errors import ValfreeError
-from valfree.integrations.prediction_tracking import PredictionTracker
+from valfree.integrations.prediction_tracking import (
+    DEFAULT_PRED_SUBSET,
+    MIN_TRAINING_PRED_SUBSET,
+    PredictionTracker,
+    training_pred_subset,
+)
 from valfree.probes.prediction_changes import label_agreement, prediction_changes
 
 from .ddp_workers import run_ranks
@@ -80,6 +85,30 @@ def test_piggyback_needs_one_index_per_prediction():
     tracker = PredictionTracker()
     with pytest.raises(ValfreeError, match="sample indices"):
         tracker.observe(torch.arange(3), torch.randn(4, 5))
+
+
+def test_piggyback_takes_indices_and_labels_in_any_integer_form_and_checks_them():
+    tracker = PredictionTracker()
+    logits = torch.eye(3)  # classes 0, 1, 2
+    tracker.observe([4, 0, 2], logits, np.array([0, -1, 2]))
+    tracker.observe(torch.tensor([[2], [4], [0]]), logits.flip(0), [2, 0, 0])
+    # The second batch predicts 2, 1, 0 for samples 2, 4, 0: sample 2 kept class 2, 4 moved from 0 and 0
+    # from 1. Agreement: 2 of the 2 labelled in the first batch, 2 of 3 in the second.
+    assert tracker.flush() == {"pred_change": 2 / 3, "label_agreement": 4 / 5, "pred_subset": 3}
+    assert tracker.last_seen[:5].tolist() == [0, -1, 2, -1, 1]
+    with pytest.raises(ValfreeError, match="label agreement needs one label per sample"):
+        tracker.observe(torch.arange(3), logits, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValfreeError, match="non-negative"):
+        tracker.observe(torch.tensor([0, -1, 2]), logits)
+
+
+def test_the_training_subset_is_budgeted_against_the_training_between_checks():
+    # 2 % of the inputs trained on between two checks, within [256, DEFAULT_PRED_SUBSET].
+    assert training_pred_subset(100 * 128) == MIN_TRAINING_PRED_SUBSET == 256  # the Monitor's default cadence
+    assert training_pred_subset(469 * 128) == 1200  # one Fashion-MNIST epoch at batch 128
+    assert training_pred_subset(500 * 128) == 1280  # the HF Trainer's default save_steps
+    assert training_pred_subset(10**6) == DEFAULT_PRED_SUBSET == 2048
+    assert training_pred_subset(100) == training_pred_subset(None) == training_pred_subset(0) == 256
 
 
 def test_state_round_trip_continues_the_series():

@@ -40,12 +40,13 @@ from torch import nn
 
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
-from ..batches import move_to
+from ..batches import batch_size_of, input_of, move_to
 from ..probes.forward import parameter_dtype
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
 from .distributed import agree_any, distributed_probe_features, distributed_probe_model, rank_and_world, unwrap
-from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
+from .prediction_tracking import training_pred_subset
+from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED, BatchBuffer
 from .tracking import DEFAULT_WARMUP, Best, ScoreTracker, needs_predictions
 
 
@@ -130,8 +131,13 @@ class Monitor:
         warmup: no stop in the first ``warmup`` checks (a count) or share of ``total_steps`` (a fraction).
         total_steps: the run's length in steps, when known (makes a fractional warm-up exact).
         train_data: a Dataset or DataLoader to draw the fixed probe data from.
-        pred_subset: training inputs in the prediction-change subset (0: none; default
-            ``DEFAULT_PRED_SUBSET``, or 0 for ``rule="probe"``). probe_size, seed: the drawn probe batch.
+        pred_subset: training inputs in the prediction-change subset (0: none; 0 for ``rule="probe"``).
+            The default, for a subset drawn from the training data, is sized by
+            :func:`~valfree.integrations.prediction_tracking.training_pred_subset` so that predicting it
+            costs about 1 % of the training between two checks: 2 % of the inputs trained on in
+            ``every`` steps (the batch size is read from ``train_data``'s loader or the first
+            ``step(batch=...)``/``targets``), between 256 and ``DEFAULT_PRED_SUBSET`` (2048); 256
+            for the default ``every=100`` at batch 128. probe_size, seed: the drawn probe batch.
         results: a CSV in the format of ``valfree score``, one row per probe.
     """
 
@@ -183,9 +189,13 @@ class Monitor:
         options = ProbeOptions(head, loss, label_smoothing, ignore_index)
         self.measurer = CheckMeasurer(probe_batch, options=options, pred_subset=pred_subset, probe_size=probe_size,
                                       seed=seed, shard=shard, group=group)
+        # The default subset is sized once the batch size is known; the fixed data is drawn from
+        # train_data at the first step, after a load_state_dict that restores the saved draw.
+        self._sized = pred_subset is not None or probe_batch is not None
+        self._loader = None
         if train_data is not None:
-            loader = train_data if hasattr(train_data, "dataset") else _AsLoader(train_data)
-            self.measurer.offer_loader(loader)
+            self._loader = train_data if hasattr(train_data, "dataset") else _AsLoader(train_data)
+            self._size_subset(getattr(self._loader, "batch_size", None))
         self.last: HeadGradient | None = None
         self.last_columns: dict = {}
         self._calls = 0
@@ -221,6 +231,9 @@ class Monitor:
         """
         self._calls += 1
         step = self._calls if step is None else int(step)
+        if not self._sized:
+            self._size_subset(_rows_of(batch, targets))
+        self._draw()
         if batch is not None:
             self.measurer.offer_batch(batch)
             if sample_ids is None:
@@ -255,8 +268,27 @@ class Monitor:
             labels = None
         self.measurer.observe(sample_ids, output, labels)
 
+    def _size_subset(self, rows_per_step: int | None, final: bool = False) -> None:
+        """Size the default prediction subset from the rows one rank trains per step (once known, or
+        ``final``: now, whatever is known)."""
+        if not self._sized and (rows_per_step or final):
+            trained = rows_per_step * self.every * self.world if rows_per_step else None
+            self.measurer.pred_subset = size = training_pred_subset(trained)
+            if not self.measurer.buffer.count:
+                self.measurer.buffer = BatchBuffer(max(size, self.measurer.probe_size))
+            self._sized = True
+
+    def _draw(self) -> None:
+        """Draw the fixed data from ``train_data`` once the subset is sized (a resumed run redraws the
+        saved indices)."""
+        if self._sized and self._loader is not None:
+            self.measurer.offer_loader(self._loader)
+            self._loader = None
+
     def probe(self, targets=None) -> HeadGradient:
         """Measure now, without recording: the fixed batch, or the last training forward in piggyback mode."""
+        self._size_subset(None, final=True)
+        self._draw()
         if self.piggyback:
             if targets is None:
                 raise ValfreeError(
@@ -346,6 +378,18 @@ class Monitor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _rows_of(batch, targets) -> int | None:
+    """How many samples a training step's batch (or, failing that, its targets) holds; None if unknown."""
+    for value in (batch, targets):
+        if value is None or isinstance(value, str):
+            continue
+        try:
+            return batch_size_of(input_of(value) if value is batch else value)
+        except ValfreeError:
+            continue
+    return None
 
 
 class _AsLoader:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,10 +28,40 @@ from ..errors import ValfreeError
 from ..batches import move_to
 from ..probes.forward import call_model
 from ..probes.prediction_changes import predicted_classes
-from ..selection.rules import DEFAULT_PRED_SUBSET  # one size for `valfree score` and training  # noqa: F401
+from ..selection.rules import DEFAULT_PRED_SUBSET  # `valfree score`'s size, the cap during training
 from .distributed import collective_device, is_distributed, rank_and_world, shard_batch
 
+#: During training, the share of the training time since the last check that the default subset's
+#: prediction pass may take.
+TRAINING_BUDGET = 0.01
+#: Inputs predicted in eval mode for the time of training on one input (forward, backward, update):
+#: 2.4 for the demo CNN and 3.2 for the MLP on 2048 inputs, 2.3 and 2.7 on 256, one CPU thread
+#: (benchmarks/results/integration_overhead.json, "prediction_changes"; a backward costs about two
+#: forwards). 2 leaves room for models and machines where it is lower.
+PREDICTED_PER_TRAINED = 2.0
+#: The smallest default subset: the probe batch's size, so that at a frequent cadence the prediction
+#: pass costs no more than the probe's own forward. (PC's standard error at p = 0.1 is 0.019 on 256
+#: inputs, against 0.0066 on 2048.)
+MIN_TRAINING_PRED_SUBSET = 256
 
+
+def training_pred_subset(trained_per_check: int | None) -> int:
+    """The default prediction-change subset during training, for checks that come every
+    ``trained_per_check`` training inputs (summed over ranks; None when unknown).
+
+    A fixed subset costs one eval-mode forward over it at every check, so its size is budgeted against
+    the training between two checks: the most inputs whose prediction pass takes ``TRAINING_BUDGET``
+    (1 %) of it, i.e. 2 % of the inputs trained on, between ``MIN_TRAINING_PRED_SUBSET`` and
+    ``DEFAULT_PRED_SUBSET`` (`valfree score`'s size, reached from 102400 inputs per check). Measured
+    on the demo CNN (benchmarks/results/integration_overhead.json, "prediction_changes"): the full
+    2048 cost 6.7 % of the training at the Monitor's default cadence (every 100 steps of 128) and
+    1.4 % at one check per 469-step Fashion-MNIST epoch; the budgeted 256 and 1200 cost 0.86 % and
+    0.85 %. Unknown: the minimum.
+    """
+    if not trained_per_check or trained_per_check <= 0:
+        return MIN_TRAINING_PRED_SUBSET
+    budgeted = int(TRAINING_BUDGET * PREDICTED_PER_TRAINED * trained_per_check)
+    return max(MIN_TRAINING_PRED_SUBSET, min(DEFAULT_PRED_SUBSET, budgeted))
 
 
 def _logits_of(output):
@@ -106,31 +137,37 @@ class PredictionTracker:
     # -- piggyback -------------------------------------------------------------------------------
     def observe(self, sample_ids: torch.Tensor, output, labels: torch.Tensor | None = None) -> None:
         """Count one training batch: ``sample_ids`` are the dataset indices of its samples, ``output``
-        the model's output (or logits) from the training forward, ``labels`` the given labels."""
-        ids = torch.as_tensor(sample_ids).reshape(-1).long().cpu()
-        now = predicted_classes(_logits_of(output)).cpu()
+        the model's output (or logits) from the training forward, ``labels`` the given labels.
+
+        After the argmax the counting is done in numpy on the host: right after a backward every torch
+        call pays a cold dispatch, and the dozen torch calls this took cost about 0.3 ms a step,
+        against 0.2 ms in numpy, side by side on the MLP of benchmarks/integration_overhead.py."""
+        now = _host(predicted_classes(_logits_of(output)))
+        ids = _host(sample_ids)
         if len(ids) != len(now):
             raise ValfreeError(
                 f"{len(ids)} sample indices for {len(now)} predictions; piggybacked prediction changes need one index "
                 "per sample (dense and token outputs are not supported here)."
             )
-        if len(ids) and int(ids.min()) < 0:
+        if len(ids) and ids.min() < 0:
             raise ValfreeError("sample indices must be non-negative dataset positions.")
         top = int(ids.max()) + 1 if len(ids) else 0
         if top > len(self.last_seen):
             grown = torch.full((max(top, 2 * len(self.last_seen)),), -1, dtype=torch.long)
             grown[: len(self.last_seen)] = self.last_seen
             self.last_seen = grown
-        before = self.last_seen[ids]
+        last = self.last_seen.numpy()  # a view: writing it writes last_seen
+        before = last[ids]
         seen = before >= 0
-        self._counts[0] += float((now[seen] != before[seen]).sum())
-        self._counts[1] += float(seen.sum())
+        counts = [np.count_nonzero((now != before) & seen), np.count_nonzero(seen), 0, 0]
         if labels is not None:
-            y = torch.as_tensor(labels).reshape(-1).long().cpu()
+            y = _host(labels)
+            if len(y) != len(now):
+                raise ValfreeError(f"{len(y)} labels for {len(now)} predictions; label agreement needs one label per sample.")
             keep = y >= 0
-            self._counts[2] += float((now[keep] == y[keep]).sum())
-            self._counts[3] += float(keep.sum())
-        self.last_seen[ids] = now
+            counts[2:] = np.count_nonzero((now == y) & keep), np.count_nonzero(keep)
+        self._counts.numpy()[:] += counts
+        last[ids] = now
 
     @property
     def observed(self) -> bool:
@@ -165,8 +202,17 @@ class PredictionTracker:
         if set(state) != {"previous", "last_seen", "counts"}:
             raise ValfreeError(f"not a PredictionTracker state (keys {sorted(state)}).")
         self.previous = state["previous"]
-        self.last_seen = torch.as_tensor(state["last_seen"]).long()
+        self.last_seen = torch.as_tensor(state["last_seen"]).long().cpu().contiguous()
         self._counts = torch.as_tensor(state["counts"], dtype=torch.float64)
+
+
+def _host(values) -> np.ndarray:
+    """A tensor, array or sequence of integers as a flat int64 numpy array on the host."""
+    if isinstance(values, torch.Tensor):
+        # Each torch call costs microseconds here, so a host tensor outside autograd is viewed directly.
+        on_host = values.device.type == "cpu" and not values.requires_grad
+        values = values.numpy() if on_host else values.detach().cpu().numpy()
+    return np.asarray(values).reshape(-1).astype(np.int64, copy=False)
 
 
 def _length(inputs) -> int:
