@@ -177,3 +177,21 @@ def test_bad_settings_are_one_clear_error():
     with pytest.raises(ValfreeError, match="must contain"):
         LabelFreeCheckpoint(piggyback=True, filename="last")
     assert math.isfinite(LabelFreeEarlyStopping(piggyback=True).patience)
+
+
+def test_the_drawn_prediction_subset_is_budgeted_against_the_training_between_checks():
+    from types import SimpleNamespace
+
+    from valfree.integrations.lightning_checks import _ProbeSchedule, _trained_per_check
+    from valfree.integrations.prediction_tracking import training_pred_subset
+
+    trainer = SimpleNamespace(train_dataloader=SimpleNamespace(batch_size=128), accumulate_grad_batches=2,
+                              num_training_batches=469, world_size=4)
+    # every 100 optimizer steps of 2 accumulated batches of 128 on 4 ranks; or one epoch of 469 batches per rank
+    assert _trained_per_check(trainer, _ProbeSchedule(100, None)) == 100 * 2 * 128 * 4
+    assert _trained_per_check(trainer, _ProbeSchedule(None, 2)) == 2 * 469 * 128 * 4
+    assert _trained_per_check(SimpleNamespace(train_dataloader=None), _ProbeSchedule(None, 1)) is None
+    # 2 % of the inputs trained on between checks, between 256 and 2048 items
+    assert training_pred_subset(469 * 128) == 1200
+    assert training_pred_subset(100 * 128) == 256 and training_pred_subset(None) == 256
+    assert training_pred_subset(10**6) == 2048

@@ -66,7 +66,7 @@ class _LabelFreeHooks:
         self._prober.teardown(trainer)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._prober.on_train_start(trainer)
+        self._prober.on_train_start(trainer, self._schedule)
         self.tracker.expected_checks = _expected_checks(trainer, self._schedule)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

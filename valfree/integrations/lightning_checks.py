@@ -20,6 +20,7 @@ from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..batches import label_of
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
+from .prediction_tracking import training_pred_subset
 from .monitor import checked_probe_source, probe_capture
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_PATIENCE, DEFAULT_WARMUP, ScoreTracker
@@ -140,10 +141,15 @@ class _Prober:
             trainer.__dict__.get("_valfree_shared", {}).pop(self._key(), None)
         self.shared = None
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer, schedule: "_ProbeSchedule") -> None:
         if self._pending_state is not None:
             self.shared.measurer.load_state_dict(self._pending_state)
             self._pending_state = None
+        measurer = self.shared.measurer
+        if self.pred_subset is None and self.probe_batch is None and not measurer.ready:
+            # Budgeted against the training between two checks (docs/integrations.md, "Cost of
+            # prediction changes"); a subset restored from a saved state keeps its size.
+            measurer.pred_subset = training_pred_subset(_trained_per_check(trainer, schedule))
         loader = trainer.train_dataloader
         if hasattr(loader, "dataset"):
             self.shared.measurer.offer_loader(loader)
@@ -227,6 +233,18 @@ class _ProbeSchedule:
         progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
         last_batch = getattr(progress, "is_last_batch", True)
         return bool(last_batch) and self.on_epoch_end(trainer)
+
+
+def _trained_per_check(trainer: "pl.Trainer", schedule: _ProbeSchedule) -> int | None:
+    """Training inputs between two checks, summed over ranks (None when Lightning cannot say)."""
+    batch = getattr(trainer.train_dataloader, "batch_size", None)
+    if not batch:
+        return None
+    if schedule.every_n_train_steps is not None:
+        steps = schedule.every_n_train_steps * trainer.accumulate_grad_batches
+    else:
+        steps = trainer.num_training_batches * schedule.every_n_epochs
+    return int(steps * batch * trainer.world_size) if math.isfinite(steps) else None
 
 
 def _should_skip(trainer: "pl.Trainer") -> bool:
