@@ -12,7 +12,8 @@ from valfree.batches import collate
 from valfree.integrations.checks import CheckMeasurer
 from valfree.probes import ProbeOptions
 
-from tests.pad_token_models import PAD, RaggedTokens, RecordingTokenModel, assert_calls_padded, assert_padded_with_the_pad_token
+from tests.pad_token_models import (PAD, RaggedTokens, RecordingTokenModel, assert_calls_padded,
+                                    assert_padded_with_the_pad_token)
 
 
 def stacking_only(items):

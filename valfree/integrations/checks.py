@@ -18,8 +18,8 @@ import dataclasses
 
 import torch
 
-from ..errors import ValfreeError
 from ..batches import pad_token_id
+from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, find_head
 from ..probes.batches import batch_size_of
 from .distributed import rank_and_world, shard_batch

@@ -79,8 +79,9 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, example_inputs, info:
         program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         raise ValfreeError(f"torch.export cannot capture the pruned model ({type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0][:300]}), so it cannot be saved factory-free; its forward must "
-                           "stay in torch operations (no NumPy, .item() or Python branches on tensor values).") from None
+                           f"{str(exc).strip().splitlines()[0][:300]}), so it cannot be saved factory-free; "
+                           "its forward must stay in torch operations (no NumPy, .item() or Python branches "
+                           "on tensor values).") from None
     serialized = ExportedProgramSerializer().serialize(
         program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
     graph = json.loads(_to_json_bytes(serialized.exported_program))

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..batches import batch_size_of, collate, concat, describe, forward, input_of, logits_of, move_to, pad_token_id, take
+from ..batches import (batch_size_of, collate, concat, describe, forward, input_of, logits_of, move_to, pad_token_id,
+                       take)
 from ..errors import ValfreeError
 from . import label_noise as _label
 from .estimate import EstimatorSettings, TPVEstimate, summarise
