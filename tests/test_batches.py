@@ -192,3 +192,19 @@ def test_logits_of_reads_what_models_return():
     assert logits_of((None, [logits, loss])) is logits
     assert logits_of({"embedding": loss, "scores": logits}) is loss  # no logits entry: the first tensor
     assert logits_of("text") is None
+
+
+def test_the_pad_token_is_read_from_the_model_or_the_model_it_wraps():
+    from types import SimpleNamespace
+
+    class Wrapper(torch.nn.Module):  # a LightningModule or DDP wrapper holding a transformers model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    hf_like = torch.nn.Linear(2, 2)
+    hf_like.config = SimpleNamespace(pad_token_id=5)
+    assert pad_token_id(hf_like) == 5 and pad_token_id(Wrapper(hf_like)) == 5
+    hf_like.config = SimpleNamespace(pad_token_id=None)  # GPT-2 and others leave it unset
+    assert pad_token_id(Wrapper(hf_like)) == 0
+    assert pad_token_id(torch.nn.Linear(2, 2)) == 0 and pad_token_id(None) == 0

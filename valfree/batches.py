@@ -132,10 +132,17 @@ def take(batch, index):
 
 
 def pad_token_id(model: nn.Module | None) -> int:
-    """The pad token of a Hugging Face model (``config.pad_token_id``), 0 when it has none."""
-    config = getattr(model, "config", None)
-    value = getattr(config, "pad_token_id", None)
-    return value if isinstance(value, int) else 0
+    """The pad token of a Hugging Face model (``config.pad_token_id``), 0 when it has none.
+
+    A model that wraps one (a LightningModule or a DDP wrapper holding a transformers model) gives the
+    pad token of the first submodule whose config names one.
+    """
+    modules = model.modules() if isinstance(model, nn.Module) else [model]
+    for module in modules:
+        value = getattr(getattr(module, "config", None), "pad_token_id", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
 
 
 def collate(items: Sequence, pad_token_id: int = 0):

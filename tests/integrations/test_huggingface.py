@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from contextlib import redirect_stdout
 
 import pytest
@@ -66,7 +67,8 @@ def trainer_for(tmp_path, callback, model=None, **overrides):
                     logging_steps=4)
     settings.update(overrides)
     args = TrainingArguments(str(tmp_path / "run"), **settings)
-    return Trainer(model=model or tiny_bert(), args=args, train_dataset=CountingTask(32, seed=1), callbacks=[callback])
+    callbacks = callback if isinstance(callback, list) else [callback]
+    return Trainer(model=model or tiny_bert(), args=args, train_dataset=CountingTask(32, seed=1), callbacks=callbacks)
 
 
 def probe_entries(log_history):
@@ -160,3 +162,63 @@ def test_settings_that_would_fight_the_callback_are_refused(tmp_path):
         trainer_for(tmp_path, valfree.huggingface.LabelFreeCallback(probe), save_strategy="no").train()
     with pytest.raises(ValfreeError, match="not both"):
         valfree.huggingface.LabelFreeCallback(probe, piggyback=True)
+
+
+class ScalarWriter:
+    """Stands for TensorBoard's SummaryWriter (tensorboard is not installed here): keeps the scalars."""
+
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_text(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+    def steps_of(self, tag: str) -> list[int]:
+        return [step for t, _, step in self.scalars if t == tag]
+
+
+def tensorboard_with(writer):
+    """transformers' own TensorBoardCallback, given the writer it would otherwise build."""
+    from transformers.integrations import TensorBoardCallback
+
+    board = TensorBoardCallback.__new__(TensorBoardCallback)  # its __init__ only checks that tensorboard is installed
+    board._SummaryWriter, board.tb_writer, board.logging_dir = None, writer, None
+    return board
+
+
+def test_attached_the_scores_reach_the_reporters_at_check_steps_only(tmp_path):
+    writer = ScalarWriter()
+    trainer = trainer_for(tmp_path, tensorboard_with(writer), max_steps=12, logging_steps=3)
+    callback = valfree.huggingface.LabelFreeCallback(CountingTask(32, seed=2).batch()).attach(trainer)
+    order = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert order.index("DefaultFlowCallback") < order.index("LabelFreeCallback") < order.index("TensorBoardCallback")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "LabelFreeCallback" in str(w.message)]
+    assert writer.steps_of("train/valfree/grad_norm") == callback.tracker.steps == [4, 8, 12]
+    logged = {step: value for tag, value, step in writer.scalars if tag == "train/valfree/grad_norm"}
+    assert [logged[s] for s in callback.tracker.steps] == pytest.approx(callback.tracker.values)
+    assert {3, 6, 9} <= set(writer.steps_of("train/loss"))  # the Trainer's own logs, between the checks
+
+
+def test_given_through_callbacks_it_works_and_warns_that_the_reporters_miss_the_scores(tmp_path):
+    writer = ScalarWriter()
+    callback = valfree.huggingface.LabelFreeCallback(CountingTask(32, seed=2).batch())
+    trainer = trainer_for(tmp_path, [tensorboard_with(writer), callback], max_steps=8)
+    trainer.args.report_to = ["tensorboard"]  # as a Trainer building its own TensorBoardCallback has it
+    with pytest.warns(UserWarning, match=r"LabelFreeCallback\(\.\.\.\)\.attach\(trainer\)"):
+        trainer.train()
+    assert callback.tracker.steps == [4, 8] and len(probe_entries(trainer.state.log_history)) == 2
+    assert trainer.state.best_model_checkpoint is not None
+    assert writer.steps_of("train/loss") and not writer.steps_of("train/valfree/grad_norm")  # it ran first
+

@@ -175,7 +175,7 @@ def hf_trainer(tmp_path, weights, x, y, callbacks):
 def test_huggingface_zero_argument_callback_loads_the_minimum_and_reports_to_on_log(tmp_path):
     from transformers import TrainerCallback
 
-    class Recorder(TrainerCallback):  # stands for a reporting integration placed before the callback
+    class Recorder(TrainerCallback):  # stands for a reporting integration, which the Trainer runs first
         def __init__(self):
             self.logged = []
 
@@ -185,9 +185,9 @@ def test_huggingface_zero_argument_callback_loads_the_minimum_and_reports_to_on_
 
     x, y, weights = make_run()
     recorder = Recorder()
-    recorder.__class__.__module__ = "transformers.integrations.recorder"  # what the Trainer's reporters look like
-    callback = valfree.huggingface.LabelFreeCallback()
-    trainer = hf_trainer(tmp_path, weights, x, y, [recorder, callback])
+    recorder.__class__.__module__ = "transformers.integrations.recorder"  # where the Trainer's reporters live
+    trainer = hf_trainer(tmp_path, weights, x, y, [recorder])
+    callback = valfree.huggingface.LabelFreeCallback().attach(trainer)  # ahead of the reporters
     trainer.train()
     assert trainer.state.global_step == CHECKS  # no patience: it never stops
     steps = callback.tracker.steps

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import ValfreeError
 from .arguments import (PRUNE_TARGETS, add_device, add_out, add_quiet, fraction, nonnegative_int,
@@ -19,6 +19,7 @@ from .preflight import check_device, check_output_file
 
 if TYPE_CHECKING:  # torch and the pruning runner load when the command runs, not when the CLI starts
     from ..pruning.options import PruneOptions
+    from ..pruning.runner import PruneResult
 
 
 def add_parser(sub) -> None:
@@ -71,25 +72,31 @@ def run(args) -> int:
         finetune = f", then {args.finetune_steps} fine-tuning steps" if args.finetune_steps else ""
         print(f"pruning {args.checkpoint} with {args.criterion}: {100 * args.ratio:g}% of {args.target} in "
               f"{args.steps} steps{finetune}; this can take minutes on a CPU", file=sys.stderr, flush=True)
-    result = prune_checkpoint(args.checkpoint, model_spec=args.model, data_spec=args.data, output=args.out,
-                              criterion=args.criterion, ratio=args.ratio, steps=args.steps, options=options,
-                              test_data=args.test_data, test_size=args.test_size)
+    prune_checkpoint(args.checkpoint, model_spec=args.model, data_spec=args.data, output=args.out,
+                     criterion=args.criterion, ratio=args.ratio, steps=args.steps, options=options,
+                     test_data=args.test_data, test_size=args.test_size, before_saving=_print_result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _print_result(result) -> None:
+    """The table and the summary, printed before the model is saved: a model that cannot be saved
+    still shows what pruning it achieved."""
     print(result.table())
     kept = "" if result.kept_fraction is None else f"; {100 * result.kept_fraction:.1f}% of calibration samples above --confidence"
     print(f"{result.criterion}: removed {100 * result.removed('params'):.1f}% of params and "
-          f"{100 * result.removed('macs'):.1f}% of MACs{kept}")
-    print(f"wrote {args.out}")
-    return 0
+          f"{100 * result.removed('macs'):.1f}% of MACs{kept}", flush=True)
 
 
 def prune_checkpoint(checkpoint: str | os.PathLike, *, model_spec: str, data_spec: str, output: str | os.PathLike,
                      criterion: str = "jbr", ratio: float = 0.5, steps: int = 10,
                      options: PruneOptions | None = None, test_data: str | None = None,
-                     test_size: int | None = 2000):
+                     test_size: int | None = 2000, before_saving: Callable[[PruneResult], None] | None = None):
     """Prune the model in ``checkpoint`` and write it to ``output``; returns the PruneResult.
 
     ``test_data`` is a data spec whose 'test' split (its first ``test_size`` items, seeded) is used to
-    report accuracy; it never influences the pruning.
+    report accuracy; it never influences the pruning. ``before_saving(result)`` is called once the
+    pruning is done, before the file is written.
     """
     import torch
     from torch.utils.data import Subset
@@ -117,6 +124,8 @@ def prune_checkpoint(checkpoint: str | os.PathLike, *, model_spec: str, data_spe
             g = torch.Generator().manual_seed(0)
             eval_data = Subset(eval_data, torch.randperm(len(eval_data), generator=g)[:test_size].tolist())
     result = prune_with(model, data, criterion, ratio, steps, options, eval_data=eval_data)
+    if before_saving is not None:
+        before_saving(result)
     info = {"checkpoint": str(checkpoint), "model": model_spec, "data": data_spec, **result.to_dict()}
     save_pruned(result.model, output, result.example_inputs, info=info)
     return result

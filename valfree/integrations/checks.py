@@ -18,12 +18,13 @@ import dataclasses
 
 import torch
 
+from ..batches import pad_token_id
 from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, find_head
 from ..probes.batches import batch_size_of
 from .distributed import rank_and_world, shard_batch
 from .prediction_tracking import DEFAULT_PRED_SUBSET, PredictionTracker
-from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED, BatchBuffer, FixedData, draw_from_loader
+from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED, BatchBuffer, FixedData, collate_indices, draw_indices
 
 #: Keys of a dict batch that carry each sample's position in the training set.
 INDEX_KEYS = ("index", "idx", "sample_id", "sample_ids", "indices")
@@ -56,6 +57,10 @@ class CheckMeasurer:
         self.given = probe_batch
         self.data: FixedData | None = None
         self.buffer = BatchBuffer(max(self.pred_subset, self.probe_size))
+        # (loader, indices) drawn but not yet collated; indices None: redraw the saved state's. Collated
+        # in prepare(), where the model gives the pad token.
+        self._drawn: tuple | None = None
+        self._counted_while_drawn = False
         self.head = None
         self.tracker: PredictionTracker | None = None
         self._probe_shard = None
@@ -64,19 +69,19 @@ class CheckMeasurer:
     # -- the fixed data ------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.data is not None
+        """Whether the fixed data is drawn (it is collated at :meth:`prepare`)."""
+        return self.data is not None or self._drawn is not None
 
     def offer_loader(self, loader) -> None:
         """Draw the fixed data from a training DataLoader's dataset, when it has a map-style one."""
         if self.ready or self.given is not None:
             return
         if self._pending_state is not None:
-            self._use(FixedData.from_state(self._pending_state["data"], loader))
+            self._drawn = (loader, None)
             return
-        drawn = draw_from_loader(loader, max(self.pred_subset, self.probe_size), self.seed)
-        if drawn is not None:
-            batch, indices = drawn
-            self._use(FixedData(batch, self.probe_size, "dataset", indices))
+        indices = draw_indices(loader, max(self.pred_subset, self.probe_size), self.seed)
+        if indices is not None:
+            self._drawn = (loader, indices)
 
     def offer_batch(self, batch) -> None:
         """Keep rows of a training batch, until the fixed data is drawn."""
@@ -85,9 +90,11 @@ class CheckMeasurer:
 
     def prepare(self, model) -> None:
         """Fix the data (from what was offered), find the head, build the trackers. Idempotent."""
-        if self.head is not None and self.ready:
+        if self.head is not None and self.data is not None:
             return
-        if self.ready:
+        self._collate_drawn(model)
+        pad = pad_token_id(model)  # items of unequal length are padded with the model's pad token
+        if self.data is not None:
             pass
         elif self.given is not None:
             from .monitor import split_probe_batch
@@ -100,15 +107,26 @@ class CheckMeasurer:
             data.probe_size, data.probe = batch_size_of(inputs), (inputs, targets)
             self._use(data)
         elif self._pending_state is not None:
-            self._use(FixedData.from_state(self._pending_state["data"]))
+            self._use(FixedData.from_state(self._pending_state["data"], pad_token_id=pad))
         else:
             _, world = rank_and_world(self.group)
-            self._use(FixedData(self.buffer.batch(), self.probe_size, "batches", local=world > 1))
+            self._use(FixedData(self.buffer.batch(pad), self.probe_size, "batches", local=world > 1))
         self.buffer = BatchBuffer(0)
         if self.head is None:  # a piggyback probe may have found it already (and hooked it)
             inputs, targets = self.data.probe
             self.head = find_head(model, self.requested.head, inputs=inputs)
             self.options = dataclasses.replace(self.requested, head=self.head.module)
+
+    def _collate_drawn(self, model) -> None:
+        """Collate the rows drawn from the training dataset, padded with the model's pad token."""
+        if self._drawn is None:
+            return
+        (loader, indices), self._drawn = self._drawn, None
+        pad = pad_token_id(model)
+        if indices is None:
+            self._use(FixedData.from_state(self._pending_state["data"], loader, pad))
+        else:
+            self._use(FixedData(collate_indices(loader, indices, pad), self.probe_size, "dataset", indices))
 
     def _use(self, data: FixedData) -> None:
         self.data = data
@@ -116,7 +134,10 @@ class CheckMeasurer:
         split = self.shard and not data.local
         inputs, targets = data.probe
         self._probe_shard = (shard_batch(inputs, rank, world), shard_batch(targets, rank, world)) if split else (inputs, targets)
-        if self.pred_subset > 0 and self.tracker is None:  # one already counting piggybacked batches stays
+        counted = self.tracker if self._counted_while_drawn else None
+        if self.pred_subset > 0 and (self.tracker is None or counted is not None):
+            # One already counting piggybacked batches stays, unless it began while drawn rows waited
+            # for the model: it then gets those rows, and keeps its counts.
             pc_inputs, pc_labels = data.inputs, data.pc_labels()
             if data.source != "given" and batch_size_of(pc_inputs) > self.pred_subset:
                 from ..probes.batches import take
@@ -125,6 +146,9 @@ class CheckMeasurer:
                 pc_labels = None if pc_labels is None else pc_labels[: self.pred_subset]
             self.tracker = PredictionTracker(pc_inputs, pc_labels, batch_size=max(self.probe_size, 256),
                                              group=self.group, shard=split)
+            if counted is not None:
+                self.tracker.load_state_dict(counted.state_dict())
+        self._counted_while_drawn = False
         if self._pending_state is not None and self.tracker is not None and self._pending_state.get("tracker"):
             _load_tracker(self.tracker, self._pending_state["tracker"])
         self._pending_state = None
@@ -140,10 +164,12 @@ class CheckMeasurer:
         if self.pred_subset > 0:
             if self.tracker is None:
                 self.tracker = PredictionTracker(group=self.group)
+                self._counted_while_drawn = self._drawn is not None
             self.tracker.observe(sample_ids, output, labels)
 
     def columns(self, model) -> dict:
         """This check's prediction-change columns ({} when predictions are not tracked)."""
+        self._collate_drawn(model)
         if self.tracker is None:
             return {}
         if self.tracker.observed:
@@ -165,6 +191,10 @@ class CheckMeasurer:
             tracker = {"previous": None if t["previous"] is None else t["previous"].tolist(),
                        "last_seen": t["last_seen"].tolist(), "counts": t["counts"].tolist()}
         data = None if self.data is None or self.data.source == "given" else self.data.state_dict()
+        if self._drawn is not None:  # drawn, not collated yet: the same description
+            indices = self._drawn[1]
+            data = self._pending_state["data"] if indices is None else {
+                "source": "dataset", "indices": list(indices), "probe_size": min(self.probe_size, len(indices))}
         return {"data": data, "tracker": tracker}
 
     def load_state_dict(self, state: dict) -> None:
@@ -178,7 +208,7 @@ class CheckMeasurer:
             elif state.get("tracker"):
                 self._pending_state = {"data": None, "tracker": state["tracker"]}
             return
-        self.data = None
+        self.data = self._drawn = None
         self._pending_state = dict(state)
 
 

@@ -8,9 +8,9 @@ subset, and before the Trainer writes ``checkpoint-N/``:
 - appends the check to ``state.log_history`` (keys ``valfree/<field>``, ``valfree/pred_change``,
   ``valfree/label_agreement``, ``valfree/pred_subset``, plus ``valfree/checkpoint``), so it is stored
   in each ``checkpoint-N/trainer_state.json`` and ``valfree select OUTPUT_DIR`` can read a finished run;
-- asks the Trainer to log at this step and adds the same values to the logs every ``on_log`` receives,
-  so every integration the Trainer reports to (TensorBoard, W&B, MLflow, ...) sees them. The callback
-  places itself before the reporting callbacks for that;
+- asks the Trainer to log at this step and adds the same values to the logs ``on_log`` hands to the
+  callbacks after it; added with :meth:`LabelFreeCallback.attach`, the callback runs before the
+  Trainer's reporting integrations (TensorBoard, W&B, MLflow, ...), so they record the values too;
 - sets ``state.best_global_step`` and ``state.best_metric`` to the rule's choice, from which the
   Trainer sets ``state.best_model_checkpoint`` (and protects it from ``save_total_limit``);
 - sets ``control.should_training_stop`` when the rule says stop, never during the warm-up (a share of
@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import warnings
 from dataclasses import fields
 
@@ -52,7 +51,6 @@ from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker
 
 try:
     from transformers import TrainerCallback
-    from transformers.trainer_callback import CallbackHandler
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError("valfree.huggingface needs transformers: pip install 'valfree[huggingface]'.") from None
@@ -68,7 +66,21 @@ _NUMERIC = tuple(f.name for f in fields(HeadGradient) if f.name not in ("path", 
 class LabelFreeCallback(TrainerCallback):
     """Label-free best-checkpoint tracking, loading and early stopping for ``transformers.Trainer``.
 
-    Works with no arguments: ``Trainer(..., callbacks=[LabelFreeCallback()])``.
+    Works with no arguments: ``Trainer(..., callbacks=[LabelFreeCallback()])``. To have the scores
+    recorded by the integrations the Trainer reports to, add it with :meth:`attach` instead::
+
+        trainer = Trainer(model, args, train_dataset=train)   # report_to="tensorboard", ...
+        LabelFreeCallback().attach(trainer)
+
+    Why: the scores reach a reporter only through the ``logs`` dict of ``on_log``, which the Trainer
+    builds afresh at each log and hands to its callbacks in list order; a callback can add to it only
+    for the callbacks after it. The Trainer puts the callbacks passed to it after its reporters and
+    gives callbacks no reference to itself or to that list, so a callback cannot move itself. The
+    Trainer can: :meth:`attach` does it with the Trainer's public ``pop_callback`` and ``add_callback``
+    (the reporters are taken out and added back after this callback). Given through ``callbacks=``
+    with ``report_to`` set, the callback warns once that the reporters will not see its scores; they
+    are in ``state.log_history`` and ``trainer_state.json`` either way, and ``valfree select`` reads
+    them there.
 
     Args:
         probe_batch: the fixed batch: a dict of model inputs with ``labels`` (``"pseudo"`` for the
@@ -128,29 +140,38 @@ class LabelFreeCallback(TrainerCallback):
         self._capture = None
         self._labels = None
         self._last: HeadGradient | None = None
-        self._pending_log: dict | None = None
+        self._pending_log: tuple[int, dict] | None = None  # (step, values) for the on_log of that step
+        self._attached = self._warned = False
 
     # ----- setup ------------------------------------------------------------------------------------
 
-    def _before_reporters(self) -> None:
-        """Move this callback before the Trainer's reporting callbacks, so that the values it adds to
-        the logs in ``on_log`` reach them. The handler is the caller of this hook."""
-        frame = sys._getframe(2)
-        handler = frame.f_locals.get("self")
-        if not isinstance(handler, CallbackHandler) or self not in handler.callbacks:
-            return
-        callbacks = handler.callbacks
-        mine = callbacks.index(self)
-        reporters = [i for i, cb in enumerate(callbacks) if type(cb).__module__.startswith("transformers.integrations")]
-        if reporters and reporters[0] < mine:
-            callbacks.pop(mine)
-            callbacks.insert(reporters[0], self)
+    def attach(self, trainer) -> "LabelFreeCallback":
+        """Add this callback to ``trainer`` ahead of its reporting integrations, so that they record the
+        scores it adds to the logs; returns the callback. Use it instead of ``callbacks=[...]`` (or
+        after it: a callback already in the Trainer is moved)."""
+        trainer.pop_callback(self)
+        reporters = [cb for cb in trainer.callback_handler.callbacks if _is_reporter(cb)]
+        for reporter in reporters:
+            trainer.pop_callback(reporter)
+        trainer.add_callback(self)
+        for reporter in reporters:
+            trainer.add_callback(reporter)
+        self._attached = True
+        return self
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self._before_reporters()
+    def _warn_if_unreported(self, args, state) -> None:
+        reporting = [r for r in (args.report_to or []) if r not in (None, "none")]
+        if reporting and not self._attached and not self._warned and state.is_world_process_zero:
+            warnings.warn(
+                f"LabelFreeCallback: the Trainer calls its reporting integrations ({', '.join(map(str, reporting))}) "
+                "before the callbacks passed to it, so they will not record the valfree/ scores (state.log_history "
+                "still holds them); add the callback with LabelFreeCallback(...).attach(trainer) instead.",
+                stacklevel=3,
+            )
+            self._warned = True
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        self._before_reporters()
+        self._warn_if_unreported(args, state)
         if args.save_strategy in (SaveStrategy.NO, "no"):
             raise ValfreeError(
                 "LabelFreeCallback probes at each save, but save_strategy is 'no'; set save_strategy='steps' (with save_steps) or 'epoch'."
@@ -264,8 +285,9 @@ class LabelFreeCallback(TrainerCallback):
         entry = {LOG_PREFIX + f: getattr(probe, f) for f in _NUMERIC}
         entry[LOG_PREFIX + self.tracker.score + "_ema"] = self.tracker.smoothed[-1]
         entry.update({LOG_PREFIX + c: v for c, v in columns.items()})
-        self._pending_log = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        control.should_log = True  # so that on_log, and every integration the Trainer reports to, gets them
+        values = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self._pending_log = (state.global_step, values)
+        control.should_log = True  # so that on_log comes at this step, for this callback to add them
         entry[CHECKPOINT_KEY] = name
         if state.epoch is not None:
             entry["epoch"] = state.epoch
@@ -279,8 +301,10 @@ class LabelFreeCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending_log and logs is not None:
-            logs.update(self._pending_log)
+        # Only in the log of the check's own step: when the Trainer had already logged that step (an
+        # epoch that ends on a logging step), the values stay in state.log_history alone.
+        if self._pending_log is not None and self._pending_log[0] == state.global_step and logs is not None:
+            logs.update(self._pending_log[1])
         self._pending_log = None
 
     def on_save(self, args, state, control, **kwargs):
@@ -317,3 +341,9 @@ class LabelFreeCallback(TrainerCallback):
             model.load_state_dict(load_file(weights), strict=False)
             return
         load_into(model, best, strict=False)
+
+
+def _is_reporter(callback) -> bool:
+    """A reporting integration: an instance of one of transformers' integration callbacks (TensorBoard,
+    W&B, MLflow, ...), or of a subclass of one."""
+    return any(cls.__module__.startswith("transformers.integrations") for cls in type(callback).__mro__)

@@ -3,10 +3,11 @@ prediction-change subset, drawn once from the training data and kept for the who
 
 Two sources, tried in this order:
 
-- **the training dataset** (:func:`draw_from_loader`): a map-style dataset (one with ``len`` and
-  indexing) behind the training DataLoader. A seeded draw of indices, collated with the loader's own
-  ``collate_fn`` (so a Hugging Face data collator pads as in training). This is the draw ``valfree
-  score`` makes on a data spec, and only the indices need saving to draw it again on resume.
+- **the training dataset** (:func:`draw_indices`, :func:`collate_indices`): a map-style dataset (one
+  with ``len`` and indexing) behind the training DataLoader. A seeded draw of indices, collated with
+  the loader's own ``collate_fn`` (so a Hugging Face data collator pads as in training), or else
+  padded with the model's pad token. This is the draw ``valfree score`` makes on a data spec, and only
+  the indices need saving to draw it again on resume.
 - **the first training batches** (:class:`BatchBuffer`): for iterable datasets, a plain loop, or when
   no loader is at hand. Rows are taken in the order they arrive (a shuffling loader makes them a
   random draw) until the subset is full or the first check comes. The rows themselves are saved.
@@ -27,9 +28,10 @@ DEFAULT_PROBE_SIZE = 256
 DEFAULT_SEED = 0
 
 
-def draw_from_loader(loader, size: int, seed: int = DEFAULT_SEED):
-    """(batch, indices): a seeded draw of ``size`` items of ``loader.dataset`` collated as the loader
-    does; None when the loader has no map-style dataset to index."""
+def draw_indices(loader, size: int, seed: int = DEFAULT_SEED) -> list[int] | None:
+    """A seeded draw of ``size`` indices of ``loader.dataset``; None when the loader has no map-style
+    dataset to index. The items are read and collated later, by :func:`collate_indices`, once the
+    model (and so its pad token) is known."""
     dataset = getattr(loader, "dataset", None)
     if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
         return None
@@ -40,18 +42,21 @@ def draw_from_loader(loader, size: int, seed: int = DEFAULT_SEED):
     if n == 0:
         return None
     g = torch.Generator().manual_seed(seed)
-    indices = torch.randperm(n, generator=g)[: min(size, n)].sort().values.tolist()
-    return collate_items(loader, [dataset[i] for i in indices]), indices
+    return torch.randperm(n, generator=g)[: min(size, n)].sort().values.tolist()
 
 
-def collate_items(loader, items):
+def collate_indices(loader, indices, pad_token_id: int = 0):
+    """The items ``indices`` of ``loader.dataset`` collated as the loader does: by its ``collate_fn``
+    (a Hugging Face data collator pads with its tokenizer's pad token), else by
+    :func:`valfree.batches.collate`, which pads ``input_ids`` with ``pad_token_id`` (the model's)."""
+    items = [loader.dataset[i] for i in indices]
     collate_fn = getattr(loader, "collate_fn", None)
     if collate_fn is not None:
         try:
             return collate_fn(items)
         except Exception:  # noqa: BLE001 - a collator with side conditions; the generic one pads the same way
             pass
-    return collate(items)
+    return collate(items, pad_token_id)
 
 
 class BatchBuffer:
@@ -74,10 +79,11 @@ class BatchBuffer:
         self.parts.append(_detach_cpu(take(batch, slice(0, keep))))
         self.count += keep
 
-    def batch(self):
+    def batch(self, pad_token_id: int = 0):
+        """The rows held, as one batch; token ids of unequal length are padded with ``pad_token_id``."""
         if not self.parts:
             return None
-        return self.parts[0] if len(self.parts) == 1 else concat(self.parts)
+        return self.parts[0] if len(self.parts) == 1 else concat(self.parts, pad_token_id)
 
 
 class FixedData:
@@ -118,7 +124,9 @@ class FixedData:
         return {"source": "batches", "batch": self.batch, "probe_size": self.probe_size, "local": self.local}
 
     @classmethod
-    def from_state(cls, state: dict, loader=None) -> "FixedData":
+    def from_state(cls, state: dict, loader=None, pad_token_id: int = 0) -> "FixedData":
+        """The fixed data a :meth:`state_dict` describes; dataset indices are redrawn from ``loader``
+        and collated as :func:`collate_indices` does."""
         if state.get("source") == "dataset":
             dataset = getattr(loader, "dataset", None)
             if dataset is None:
@@ -126,7 +134,7 @@ class FixedData:
             indices = [int(i) for i in state["indices"]]
             if indices and max(indices) >= len(dataset):
                 raise ValfreeError("the saved probe subset indexes past the end of the training set; resume with the same data.")
-            return cls(collate_items(loader, [dataset[i] for i in indices]), state["probe_size"], "dataset", indices)
+            return cls(collate_indices(loader, indices, pad_token_id), state["probe_size"], "dataset", indices)
         if state.get("source") == "batches":
             return cls(state["batch"], state["probe_size"], "batches", local=bool(state.get("local", False)))
         raise ValfreeError(f"not a saved probe subset (source {state.get('source')!r}).")

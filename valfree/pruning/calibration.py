@@ -48,17 +48,19 @@ class Calibration:
 
 
 def calibration_from(data: Any, *, batch_size: int = 64, max_samples: int | None = 1024, seed: int = 0,
-                     device: torch.device | str = "cpu", labels: bool = False, what: str = "data") -> Calibration:
+                     device: torch.device | str = "cpu", labels: bool = False, what: str = "data",
+                     pad_token_id: int = 0) -> Calibration:
     """Draw up to ``max_samples`` items of ``data`` (a seeded random subset) and batch them.
 
     ``labels=True`` also collects integer class labels and raises a :class:`ValfreeError` if the data
-    has none; ``labels=False`` never reads them.
+    has none; ``labels=False`` never reads them. Token ids of unequal length are padded with
+    ``pad_token_id`` (the model's, :func:`valfree.batches.pad_token_id`).
     """
     if batch_size < 1:
         raise ValfreeError(f"batch_size must be a positive integer, not {batch_size}.")
     if max_samples is not None and max_samples < 1:
         raise ValfreeError(f"the calibration size must be a positive number of samples, not {max_samples}.")
-    x, y = _gather(data, max_samples, seed, labels, what)
+    x, y = _gather(data, max_samples, seed, labels, what, pad_token_id)
     n = batch_size_of(x) if x is not None else 0
     if n == 0:
         raise ValfreeError(f"the {what} is empty, so there is nothing to calibrate the pruning on.")
@@ -71,7 +73,7 @@ def calibration_from(data: Any, *, batch_size: int = 64, max_samples: int | None
     return Calibration(inputs=inputs, batch_size=batch_size, label_batches=label_batches)
 
 
-def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gather(data, max_samples, seed, labels, what, pad_token_id) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(data, torch.Tensor):
         if labels:
             raise ValfreeError(f"the {what} is a tensor of inputs without labels, but this criterion needs labels; "
@@ -99,7 +101,7 @@ def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.
     if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         idx = _subset(len(data), max_samples, seed)
         items = [data[int(i)] for i in idx]
-        x = collate([input_of(item) for item in items])
+        x = collate([input_of(item) for item in items], pad_token_id)
         y = torch.stack([torch.as_tensor(_labels(item, what)) for item in items]) if labels else None
         return x, y
     if hasattr(data, "__iter__"):
@@ -114,7 +116,7 @@ def _gather(data, max_samples, seed, labels, what) -> tuple[torch.Tensor, torch.
                 break
         if not xs:
             return None, None
-        x = take(concat(xs), slice(0, max_samples))
+        x = take(concat(xs, pad_token_id), slice(0, max_samples))
         return x, (torch.cat(ys)[:max_samples] if labels else None)
     raise ValfreeError(
         f"cannot read the {what}: a {type(data).__name__} is none of tensor, (inputs, labels), Dataset or DataLoader."
@@ -160,12 +162,13 @@ def _check_labels(y: torch.Tensor | None, what: str) -> torch.Tensor:
 
 
 def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, device: torch.device | str,
-                     inputs_only: bool) -> Iterator[Any]:
+                     inputs_only: bool, pad_token_id: int = 0) -> Iterator[Any]:
     """``steps`` random batches of ``data`` for fine-tuning, on ``device``.
 
     With ``inputs_only`` only the inputs are yielded (labels untouched); otherwise each batch is what
     ``data`` holds per item, collated: ``(x, y)`` for an ``(inputs, labels)`` pair or a dataset of
-    pairs, the loader's own batches for a DataLoader.
+    pairs, the loader's own batches for a DataLoader. Items are collated as :func:`calibration_from`
+    collates them (token ids padded with ``pad_token_id``).
     """
     g = torch.Generator().manual_seed(seed)
     if isinstance(data, torch.Tensor) or _is_inputs_labels_pair(data) or isinstance(data, TensorDataset):
@@ -186,9 +189,9 @@ def training_batches(data: Any, *, batch_size: int, steps: int, seed: int, devic
         for _ in range(steps):
             items = [data[int(i)] for i in torch.randint(n, (min(batch_size, n),), generator=g)]
             if inputs_only:
-                yield _on_device(collate([input_of(item) for item in items]), device)
+                yield _on_device(collate([input_of(item) for item in items], pad_token_id), device)
             else:
-                yield move_to(collate(items), device)
+                yield move_to(collate(items, pad_token_id), device)
         return
     produced = 0
     while produced < steps:  # an iterable of batches, cycled in its own order

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..batches import forward, move_to
+from ..batches import forward, move_to, pad_token_id
 from ..errors import ValfreeError
 from ..probes import find_head
 from .calibration import Calibration, calibration_from, training_batches
@@ -176,10 +176,11 @@ def prune_with(model: nn.Module, data: Any, criterion: str | object, ratio: floa
             model = copy.deepcopy(model)
         model.to(device).eval()
         teacher = copy.deepcopy(model).eval() if o.finetune_steps and o.finetune_loss is None else None
+        pad = pad_token_id(model)  # token ids of unequal length are padded with the model's pad token
         calibration = calibration_from(data, batch_size=o.batch_size, max_samples=o.calibration_size, seed=o.seed,
-                                       device=device, labels=needs_labels, what="calibration data")
+                                       device=device, labels=needs_labels, what="calibration data", pad_token_id=pad)
         evaluation = calibration_from(eval_data, batch_size=256, max_samples=None, device=device, labels=True,
-                                      what="evaluation data") if eval_data is not None else None
+                                      what="evaluation data", pad_token_id=pad) if eval_data is not None else None
         example = calibration.example_inputs()
         head_module = find_head(model, o.head, example).module
         classes = head_module.weight.shape[0]
@@ -221,7 +222,7 @@ def prune_with(model: nn.Module, data: Any, criterion: str | object, ratio: floa
         _warn_if_short(history, o.target, ratio)
         if o.finetune_steps:
             batches = training_batches(data, batch_size=o.batch_size, steps=o.finetune_steps, seed=o.seed + 1,
-                                       device=device, inputs_only=o.finetune_loss is None)
+                                       device=device, inputs_only=o.finetune_loss is None, pad_token_id=pad)
             finetune(model, batches, o.finetune_loss or distillation_loss(teacher), lr=o.finetune_lr)
             history.append(record(steps, "fine-tuned"))
     model.eval()

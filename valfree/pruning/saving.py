@@ -20,15 +20,18 @@ since the deserializer evaluates those strings. Node metadata and guard code are
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..batches import call_args, logits_of, map_tensors
 from ..errors import ValfreeError
 
 FORMAT = "valfree-pruned"
@@ -49,26 +52,36 @@ _SYMPY_NAMES = {
 _EXPR_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z]\w*)|(?P<quoted>'[a-z]+\d*')|(?P<number>\d+)|(?P<punct>[()+\-*/,=]))")
 
 
-def save_pruned(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor,
-                info: dict[str, Any] | None = None, dynamic_batch: bool = True) -> Path:
+def save_pruned(model: nn.Module, path: str | os.PathLike, example_inputs, info: dict[str, Any] | None = None,
+                dynamic_batch: bool = True) -> Path:
     """Export ``model`` (eval mode) with ``example_inputs`` and write it to ``path`` as described above.
 
-    The batch dimension stays dynamic unless ``dynamic_batch=False``. ``info`` (JSON-serialisable)
-    is stored alongside and comes back from :func:`read_pruned_info`.
+    ``example_inputs`` is one calibration input in the form the model takes (see
+    :mod:`valfree.batches`): a tensor, a tuple of positional inputs, or a dict of keyword inputs
+    (``input_ids``, ``attention_mask``, ... as a Hugging Face model takes them). The loaded module is
+    called the same way: ``loaded(x)``, or ``loaded(input_ids=..., attention_mask=...)``.
+
+    The batch dimension stays dynamic unless ``dynamic_batch=False``; so does the sequence length of
+    integer keyword inputs (token ids, masks), up to what the model allows (its position embeddings).
+    A model whose output is not made of plain tensors, tuples, lists and dicts (a Hugging Face
+    ``ModelOutput``) is saved returning its logits, so that loading needs no class of its library.
+    ``info`` (JSON-serialisable) is stored alongside and comes back from :func:`read_pruned_info`.
     """
     from torch._export.serde.serialize import ExportedProgramSerializer, _to_json_bytes
 
     path = Path(path)
     model = model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = example_inputs[:2] if len(example_inputs) >= 2 else example_inputs.expand(2, *example_inputs.shape[1:])
-    example = example.to(device)  # two samples: a batch of one would be specialised to a constant
-    dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    # Two samples: a batch of one would be specialised to a constant.
+    args, kwargs = call_args(model, map_tensors(lambda t: _two_rows(t).to(device).contiguous(), example_inputs))
+    module, dynamic = _exportable(model, args, kwargs, dynamic_batch)
     try:
-        program = torch.export.export(model, (example.contiguous(),), dynamic_shapes=dynamic)
+        program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic)
     except Exception as exc:
         raise ValfreeError(f"torch.export cannot capture the pruned model ({type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0][:300]}), so it cannot be saved factory-free.") from None
+                           f"{str(exc).strip().splitlines()[0][:300]}), so it cannot be saved factory-free; "
+                           "its forward must stay in torch operations (no NumPy, .item() or Python branches "
+                           "on tensor values).") from None
     serialized = ExportedProgramSerializer().serialize(
         program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
     graph = json.loads(_to_json_bytes(serialized.exported_program))
@@ -91,7 +104,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, example_inputs: torch
         "format_version": FORMAT_VERSION,
         "torch_version": torch.__version__,
         "program": json.dumps(graph, separators=(",", ":")),
-        "input_shape": json.dumps(list(example_inputs.shape[1:])),
+        "input_shape": json.dumps(_shapes(example_inputs)),
         "info": json.dumps(info or {}, default=str),
     }
     from safetensors.torch import save_file
@@ -99,6 +112,80 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, example_inputs: torch
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
+
+
+def _exportable(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+    """The module to export and its dynamic shapes, in the form torch.export takes them."""
+    with torch.no_grad():
+        plain = _is_plain(model(*args, **kwargs))
+    names = list(kwargs) or [f"input_{i}" for i in range(len(args))]
+    # torch.export matches keyword inputs (and their dynamic shapes) to forward's named parameters.
+    module = model if plain and _names_parameters(model, list(kwargs)) else _wrapper(model, names, logits=not plain)
+    if not dynamic_batch:
+        return module, None
+    if kwargs:
+        auto = torch.export.Dim.AUTO
+        # AUTO: dynamic where the model allows it, specialised without an error where it does not (a
+        # sequence cannot outgrow the position embeddings, and the saved range says so).
+        return module, {k: ({0: auto, 1: auto} if _is_tokens(v) else {0: auto})
+                        if isinstance(v, torch.Tensor) and v.dim() else None for k, v in kwargs.items()}
+    batch = torch.export.Dim("batch", min=1)
+    return module, tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() else None for a in args)
+
+
+def _names_parameters(model: nn.Module, names: list[str]) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(n in parameters and parameters[n].kind is not inspect.Parameter.VAR_KEYWORD for n in names)
+
+
+def _wrapper(model: nn.Module, names: list[str], logits: bool) -> nn.Module:
+    """``model`` behind a forward that names its inputs, returning only the logits when ``logits``."""
+
+    def forward(self, *args, **kwargs):
+        output = self.model(*args, **kwargs)
+        return logits_of(output) if logits else output
+
+    parameter = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    forward.__signature__ = inspect.Signature([inspect.Parameter(n, parameter) for n in ["self", *names]])
+    module = type("PrunedModel", (nn.Module,), {"forward": forward})()
+    module.model = model
+    return module.eval()
+
+
+def _is_tokens(value: torch.Tensor) -> bool:
+    """Token ids, masks and type ids: (batch, length) integers, whose length varies between batches."""
+    return value.dim() == 2 and not value.is_floating_point() and not value.is_complex()
+
+
+def _is_plain(output) -> bool:
+    """Whether torch.export can describe ``output`` with builtin containers only (no library class)."""
+    if isinstance(output, torch.Tensor) or output is None:
+        return True
+    if type(output) in (tuple, list):
+        return all(_is_plain(v) for v in output)
+    if type(output) is dict:
+        return all(_is_plain(v) for v in output.values())
+    return False
+
+
+def _two_rows(t: torch.Tensor) -> torch.Tensor:
+    if not t.dim():
+        return t
+    return t[:2] if len(t) >= 2 else t.expand(2, *t.shape[1:])
+
+
+def _shapes(example):
+    """The per-sample shape of the inputs, for the record: a list, or a dict of lists by input name."""
+    if isinstance(example, torch.Tensor):
+        return list(example.shape[1:])
+    if isinstance(example, Mapping):
+        return {k: _shapes(v) for k, v in example.items() if isinstance(v, torch.Tensor)}
+    if isinstance(example, (tuple, list)):
+        return [_shapes(v) for v in example]
+    return None
 
 
 def load_pruned(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..batches import batch_size_of, collate, concat, describe, forward, input_of, logits_of, move_to, take
+from ..batches import (batch_size_of, collate, concat, describe, forward, input_of, logits_of, move_to, pad_token_id,
+                       take)
 from ..errors import ValfreeError
 from . import label_noise as _label
 from .estimate import EstimatorSettings, TPVEstimate, summarise
@@ -60,12 +61,14 @@ def output_function(outputs: "str | Callable") -> tuple[OutputFn, str]:
     raise ValfreeError(f"outputs must be one of {', '.join(OUTPUTS)} or a function of the model output, not {outputs!r}.")
 
 
-def as_inputs(inputs, what: str = "inputs"):
+def as_inputs(inputs, what: str = "inputs", pad_token_id: int = 0):
     """One batch of inputs from a tensor, an (inputs, labels) pair, a dict batch, a Dataset or a DataLoader;
     labels are dropped unread.
 
     A batch of dicts (a Hugging Face dataset or its DataLoader) gives a dict of keyword inputs
     (``input_ids``, ``attention_mask``...; see :mod:`valfree.batches`), which the model is called with.
+    Token ids of unequal length (items of a Dataset, or a DataLoader's batches) are padded with
+    ``pad_token_id``, the model's (:func:`valfree.batches.pad_token_id`).
     """
     if isinstance(inputs, torch.Tensor):
         x = inputs
@@ -76,9 +79,9 @@ def as_inputs(inputs, what: str = "inputs"):
     elif isinstance(inputs, tuple) and inputs and isinstance(inputs[0], Mapping):
         x = input_of(inputs[0])
     elif isinstance(inputs, DataLoader) or (isinstance(inputs, Iterable) and not isinstance(inputs, (str, bytes, Dataset))):
-        x = concat([input_of(b) for b in inputs])
+        x = concat([input_of(b) for b in inputs], pad_token_id)
     elif isinstance(inputs, Dataset):
-        x = collate([input_of(inputs[i]) for i in range(len(inputs))])  # labels stay unread
+        x = collate([input_of(inputs[i]) for i in range(len(inputs))], pad_token_id)  # labels stay unread
     else:
         raise ValfreeError(
             f"{what} must be a tensor, an (inputs, labels) pair, a dict batch, a Dataset or a DataLoader, not {type(inputs).__name__}."
@@ -185,13 +188,13 @@ def tpv(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValfreeError(f"batch_size must be a positive integer, not {batch_size!r}.")
     output_fn, output_name = output_function(outputs)
-    x = as_inputs(inputs)
+    x = as_inputs(inputs, pad_token_id=pad_token_id(model))
     generator = torch.Generator().manual_seed(int(seed))
     with _EvalMode(model):
         x, params = _prepare(model, x, output_fn)
         if isinstance(noise, (SGDNoise, LabelNoise)) and noise.inputs is not None:
             what = "the noise model's training inputs"
-            _prepare(model, as_inputs(noise.inputs, what), output_fn, what)
+            _prepare(model, as_inputs(noise.inputs, what, pad_token_id(model)), output_fn, what)
         if isinstance(noise, SGDNoise) and targets is not None:
             noise = noise.bind(noise.inputs if noise.inputs is not None else x, targets)
         noise = noise.prepare(model, params)

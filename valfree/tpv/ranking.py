@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 from torch import nn
 
+from ..batches import pad_token_id
 from .estimate import TPVEstimate
 from .estimators import as_inputs, tpv
 from .noise import LabelNoise, NoiseModel, SGDNoise, parse_noise
@@ -44,7 +45,8 @@ def rank_models(
     Keyword arguments go to :func:`valfree.tpv`.
     """
     items = list(models.items()) if isinstance(models, Mapping) else [(str(i), m) for i, m in enumerate(models)]
-    x = as_inputs(inputs)
+    # The candidates read the same inputs, so one tokenizer: the first model's pad token pads them.
+    x = as_inputs(inputs, pad_token_id=pad_token_id(items[0][1]) if items else 0)
     noise = parse_noise(noise)
     if isinstance(noise, (SGDNoise, LabelNoise)):
         noise = noise.bind(x, kwargs.get("targets"))
@@ -101,13 +103,15 @@ def tpv_trajectory(
     when called, so that only one checkpoint is in memory at a time. Keyword arguments go to
     :func:`valfree.tpv`; each checkpoint uses the same seed, so differences are not probe noise.
     """
-    x = as_inputs(inputs)
     noise = parse_noise(noise)
-    if isinstance(noise, (SGDNoise, LabelNoise)):
-        noise = noise.bind(x, kwargs.get("targets"))
+    x = None
     steps, estimates = [], []
     for step, item in checkpoints:
         model = item if isinstance(item, nn.Module) else item()
+        if x is None:  # batched once, with the first checkpoint's pad token (one tokenizer for the run)
+            x = as_inputs(inputs, pad_token_id=pad_token_id(model))
+            if isinstance(noise, (SGDNoise, LabelNoise)):
+                noise = noise.bind(x, kwargs.get("targets"))
         steps.append(int(step))
         estimates.append(tpv(model, x, noise, method, **kwargs))
     i, step, interior = peak(steps, [e.value for e in estimates])

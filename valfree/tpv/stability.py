@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from scipy import stats
 
+from ..batches import pad_token_id
 from .estimate import TPVEstimate
 from .estimators import as_inputs, tpv
 from .noise import LabelNoise, NoiseModel, SGDNoise, parse_noise
@@ -96,8 +97,9 @@ def tpv_stability(model, train_inputs, test_inputs, noise: "NoiseModel | str", m
     Other keyword arguments go to :func:`valfree.tpv` (``probes``, ``seed``, ``outputs``...).
     """
     noise = parse_noise(noise)
-    x_train = as_inputs(train_inputs, "train_inputs")
-    x_test = as_inputs(test_inputs, "test_inputs")
+    pad = pad_token_id(model)
+    x_train = as_inputs(train_inputs, "train_inputs", pad)
+    x_test = as_inputs(test_inputs, "test_inputs", pad)
     if isinstance(noise, (SGDNoise, LabelNoise)):
         # The noise comes from training on the training set, whichever inputs it is measured on.
         noise = noise.bind(x_train, kwargs.get("targets"))
