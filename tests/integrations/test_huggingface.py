@@ -222,3 +222,16 @@ def test_given_through_callbacks_it_works_and_warns_that_the_reporters_miss_the_
     assert trainer.state.best_model_checkpoint is not None
     assert writer.steps_of("train/loss") and not writer.steps_of("train/valfree/grad_norm")  # it ran first
 
+
+
+def test_the_drawn_prediction_subset_is_budgeted_against_the_training_between_saves():
+    from types import SimpleNamespace
+
+    from valfree.integrations.huggingface import _trained_per_save
+
+    args = SimpleNamespace(per_device_train_batch_size=32, gradient_accumulation_steps=2, world_size=2,
+                           save_strategy="steps", save_steps=500)
+    assert _trained_per_save(args, SimpleNamespace(save_steps=500), None) == 500 * 32 * 2 * 2
+    per_epoch = SimpleNamespace(**{**vars(args), "save_strategy": "epoch"})
+    assert _trained_per_save(per_epoch, SimpleNamespace(save_steps=0), SimpleNamespace(dataset=list(range(60000)))) == 60000
+    assert _trained_per_save(per_epoch, SimpleNamespace(save_steps=0), object()) is None

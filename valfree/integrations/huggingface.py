@@ -46,6 +46,7 @@ from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer
 from .distributed import agree_any
 from .monitor import checked_probe_source, probe_capture
+from .prediction_tracking import training_pred_subset
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker
 
@@ -182,6 +183,10 @@ class LabelFreeCallback(TrainerCallback):
                 "unset both, since LabelFreeCallback records and loads the best checkpoint itself."
             )
         self.measurer = CheckMeasurer(self.probe_batch, **self.measurer_args)
+        if self.measurer_args["pred_subset"] is None and self.probe_batch is None:
+            # Budgeted against the training between two saves (docs/integrations.md, "Cost of prediction
+            # changes"); a resumed run with the same arguments gets the same size.
+            self.measurer.pred_subset = training_pred_subset(_trained_per_save(args, state, train_dataloader))
         saved = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
         if state.global_step > 0 and os.path.isfile(saved):
             with open(saved) as fh:
@@ -347,3 +352,15 @@ def _is_reporter(callback) -> bool:
     """A reporting integration: an instance of one of transformers' integration callbacks (TensorBoard,
     W&B, MLflow, ...), or of a subclass of one."""
     return any(cls.__module__.startswith("transformers.integrations") for cls in type(callback).__mro__)
+
+
+def _trained_per_save(args, state, loader) -> int | None:
+    """Training inputs between two saves (the Trainer's checks), over all devices; None when unknown."""
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    if args.save_strategy in (SaveStrategy.STEPS, "steps"):
+        save_steps = state.save_steps or args.save_steps
+        return int(save_steps * per_step) if save_steps and save_steps >= 1 else None
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
