@@ -263,12 +263,13 @@ def test_the_default_subset_waits_for_the_batch_size_before_drawing_from_a_datas
     # A DataLoader tells its batch size at once: 1000 steps of 64 inputs pay for 1280.
     loader = valfree.Monitor(model, every=1000, train_data=DataLoader(TensorDataset(x, y), batch_size=64))
     assert loader.measurer.pred_subset == 1280
-    loader.step(1)
+    loader.step(1000)  # the draw is batched at the first check, once the model is known
     assert len(loader.measurer.tracker.inputs) == 1280
     # A Dataset does not: its draw waits for the first batch, then follows it.
     waits = valfree.Monitor(model, every=1000, train_data=TensorDataset(x, y))
     assert not waits.measurer.ready
     waits.step(1, batch=(x[:128], y[:128]))
+    waits.step(1000)
     assert len(waits.measurer.tracker.inputs) == 2048
     # With nothing to tell, the draw at the first check takes the smallest default.
     blind = valfree.Monitor(model, every=2, train_data=TensorDataset(x, y))
@@ -277,7 +278,7 @@ def test_the_default_subset_waits_for_the_batch_size_before_drawing_from_a_datas
     assert len(blind.measurer.tracker.inputs) == 256
     # A size that was asked for is kept.
     asked = valfree.Monitor(model, every=1000, pred_subset=512, train_data=TensorDataset(x, y))
-    asked.step(1)
+    asked.step(1000)
     assert len(asked.measurer.tracker.inputs) == 512
 
 
