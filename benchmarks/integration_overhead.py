@@ -21,8 +21,8 @@ blocks that interleave training steps with the tracking:
   checks at each integration's default cadence: the Monitor's ``every=100`` steps, Lightning's one
   check per epoch and the Hugging Face Trainer's default ``save_steps=500``, on a realistic epoch
   (Fashion-MNIST's 60000 images at batch 128 = 469 steps); the subset each one uses by default is
-  read from the code (the Monitor's after one ``step(batch=...)``; the callbacks' ``CheckMeasurer``
-  default), and the size :func:`valfree.integrations.prediction_tracking.training_pred_subset`
+  read from the code (the Monitor's after one ``step(batch=...)``; the callbacks size theirs the
+  same way from their cadence), and the size :func:`valfree.integrations.prediction_tracking.training_pred_subset`
   gives at their cadence is shown beside it;
 - piggyback: ``PredictionTracker.observe`` on each training batch (right after its backward, as the
   Monitor calls it) plus ``flush`` at each check, divided by the step time.
@@ -58,11 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import valfree  # noqa: E402
-from valfree.integrations.checks import CheckMeasurer  # noqa: E402
 from valfree.integrations.prediction_tracking import PredictionTracker, training_pred_subset  # noqa: E402
 from valfree.io.data import digits, fashion_mnist, fashion_mnist_available, probe_batch  # noqa: E402
 from valfree.models import cnn, mlp  # noqa: E402
-from valfree.probes import ProbeOptions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "integration_overhead.json"
 DOCS = ROOT / "docs" / "integrations.md"
@@ -189,14 +187,15 @@ def default_cadences(model, batches) -> list[dict]:
     monitor.step(1, batch=batches[0])  # the first batch tells the Monitor the batch size
     monitor_subset = monitor.measurer.pred_subset
     monitor.close()
-    callback_subset = CheckMeasurer(options=ProbeOptions()).pred_subset  # Lightning's and HF's default
+    # Lightning and HF size their default as the Monitor does, from the inputs trained between checks
+    # (lightning_checks._trained_per_check, huggingface._trained_per_save on one device).
     return [
         {"integration": "Monitor", "cadence": f"every={EVERY} steps", "steps_per_check": EVERY,
          "subset": monitor_subset},
         {"integration": "Lightning", "cadence": f"every epoch ({EPOCH_STEPS} steps)", "steps_per_check": EPOCH_STEPS,
-         "subset": callback_subset},
+         "subset": training_pred_subset(EPOCH_STEPS * BATCH)},
         {"integration": "Hugging Face", "cadence": f"save_steps={HF_SAVE_STEPS}", "steps_per_check": HF_SAVE_STEPS,
-         "subset": callback_subset},
+         "subset": training_pred_subset(HF_SAVE_STEPS * BATCH)},
     ]
 
 
