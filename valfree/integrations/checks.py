@@ -23,7 +23,7 @@ from ..errors import ValfreeError
 from ..probes import HeadGradient, ProbeOptions, find_head
 from ..probes.batches import batch_size_of
 from .distributed import rank_and_world, shard_batch
-from .prediction_tracking import DEFAULT_PRED_SUBSET, PredictionTracker
+from .prediction_tracking import DEFAULT_PRED_SUBSET, PredictionTracker, training_pred_subset
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED, BatchBuffer, FixedData, collate_indices, draw_indices
 
 #: Keys of a dict batch that carry each sample's position in the training set.
@@ -71,6 +71,16 @@ class CheckMeasurer:
     def ready(self) -> bool:
         """Whether the fixed data is drawn (it is collated at :meth:`prepare`)."""
         return self.data is not None or self._drawn is not None
+
+    def budget_subset(self, trained_per_check: int | None) -> None:
+        """Size the prediction subset to the training between two checks (``training_pred_subset``:
+        about 1 % of its time), unless the fixed data is already drawn; the row buffer shrinks with it
+        while it is empty."""
+        if self.ready:
+            return
+        self.pred_subset = training_pred_subset(trained_per_check)
+        if not self.buffer.count:
+            self.buffer = BatchBuffer(max(self.pred_subset, self.probe_size))
 
     def offer_loader(self, loader) -> None:
         """Draw the fixed data from a training DataLoader's dataset, when it has a map-style one."""

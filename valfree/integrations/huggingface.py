@@ -46,7 +46,6 @@ from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer
 from .distributed import agree_any
 from .monitor import checked_probe_source, probe_capture
-from .prediction_tracking import training_pred_subset
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_WARMUP, PC_COLUMNS, ScoreTracker
 
@@ -186,7 +185,7 @@ class LabelFreeCallback(TrainerCallback):
         if self.measurer_args["pred_subset"] is None and self.probe_batch is None:
             # Budgeted against the training between two saves (docs/integrations.md, "Cost of prediction
             # changes"); a resumed run with the same arguments gets the same size.
-            self.measurer.pred_subset = training_pred_subset(_trained_per_save(args, state, train_dataloader))
+            self.measurer.budget_subset(_trained_per_save(args, state, train_dataloader))
         saved = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
         if state.global_step > 0 and os.path.isfile(saved):
             with open(saved) as fh:

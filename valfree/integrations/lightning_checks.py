@@ -20,7 +20,6 @@ from ..probes import HeadGradient, ProbeOptions, capture_head, find_head
 from ..batches import label_of
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
-from .prediction_tracking import training_pred_subset
 from .monitor import checked_probe_source, probe_capture
 from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_PATIENCE, DEFAULT_WARMUP, ScoreTracker
@@ -145,11 +144,10 @@ class _Prober:
         if self._pending_state is not None:
             self.shared.measurer.load_state_dict(self._pending_state)
             self._pending_state = None
-        measurer = self.shared.measurer
-        if self.pred_subset is None and self.probe_batch is None and not measurer.ready:
+        if self.pred_subset is None and self.probe_batch is None:
             # Budgeted against the training between two checks (docs/integrations.md, "Cost of
             # prediction changes"); a subset restored from a saved state keeps its size.
-            measurer.pred_subset = training_pred_subset(_trained_per_check(trainer, schedule))
+            self.shared.measurer.budget_subset(_trained_per_check(trainer, schedule))
         loader = trainer.train_dataloader
         if hasattr(loader, "dataset"):
             self.shared.measurer.offer_loader(loader)

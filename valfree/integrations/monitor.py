@@ -45,8 +45,7 @@ from ..probes.forward import parameter_dtype
 from ..selection.rules import DEFAULT_RULE
 from .checks import CheckMeasurer, sample_ids_of
 from .distributed import agree_any, distributed_probe_features, distributed_probe_model, rank_and_world, unwrap
-from .prediction_tracking import training_pred_subset
-from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED, BatchBuffer
+from .sampling import DEFAULT_PROBE_SIZE, DEFAULT_SEED
 from .tracking import DEFAULT_WARMUP, Best, ScoreTracker, needs_predictions
 
 
@@ -273,9 +272,7 @@ class Monitor:
         ``final``: now, whatever is known)."""
         if not self._sized and (rows_per_step or final):
             trained = rows_per_step * self.every * self.world if rows_per_step else None
-            self.measurer.pred_subset = size = training_pred_subset(trained)
-            if not self.measurer.buffer.count:
-                self.measurer.buffer = BatchBuffer(max(size, self.measurer.probe_size))
+            self.measurer.budget_subset(trained)
             self._sized = True
 
     def _draw(self) -> None:
