@@ -96,6 +96,21 @@ def train_with_checkpoints(model: nn.Module, dataset, out_dir: str | Path, epoch
     return saved
 
 
+def clear_previous_demo(ckpt_dir: Path, scores_csv: Path) -> None:
+    """Remove what an earlier demo wrote there: its checkpoints and its scores. The demo retrains from
+    scratch, and the new files (same steps, new modification times) would otherwise be scored next to
+    the old rows, giving the selection two rows per step. Only the demo's own file names are removed."""
+    import shutil
+
+    from ..io.predictions import sidecar_path
+    from ..io.results import ResultsStore
+
+    for old in ckpt_dir.glob("step_*.pt"):
+        old.unlink()
+    ResultsStore.remove(scores_csv)
+    shutil.rmtree(sidecar_path(scores_csv), ignore_errors=True)
+
+
 def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | None = None,
              train_size: int | None = None, seed: int = 0, quiet: bool = False) -> int:
     import torch
@@ -124,11 +139,12 @@ def run_demo(out: str = "valfree-demo", data: str | None = None, epochs: int | N
     test = Subset(test, range(min(len(test), 5000)))
     out_dir = Path(out)
     ckpt_dir = out_dir / "checkpoints"
+    scores_csv = out_dir / "scores.csv"
+    clear_previous_demo(ckpt_dir, scores_csv)
     print(f"1/4 training a CNN on {len(train)} {data} images for {epochs} epochs -> {ckpt_dir}/")
     model = cnn(in_size=in_size)
     paths = train_with_checkpoints(model, train, ckpt_dir, epochs, batch_size=128 if fmnist else 64, seed=seed)
 
-    scores_csv = out_dir / "scores.csv"
     print(f"2/4 scoring {len(paths)} checkpoints on one fixed batch of 256 training images (no test data)")
     t0 = time.perf_counter()
     summary = score_checkpoints(str(ckpt_dir), factory, data, scores_csv, batch_size=256, seed=seed, progress=not quiet)
